@@ -1,0 +1,64 @@
+"""Model presets shared by the config files: the WAN-2.1 DiT and VAE at several sizes."""
+
+from __future__ import annotations
+
+import ml_collections
+
+# WAN-2.1 T2V-1.3B, text width 3584 (Qwen2.5-VL-7B final hidden states instead of umT5's 4096).
+_DIT_1P3B = dict(
+  patch_size=(1, 2, 2),
+  in_dim=16,
+  out_dim=16,
+  dim=1536,
+  ffn_dim=8960,
+  freq_dim=256,
+  num_heads=12,
+  num_layers=30,
+  eps=1e-6,
+  text_dim=3584,
+)
+
+_DIT_SIZES = {
+  "1.3b": {},
+  # The CPU benchmark size of the foundation issue.
+  "mid": dict(dim=512, ffn_dim=1536, num_heads=4, num_layers=8, freq_dim=256, text_dim=512),
+  # Demo and integration tests.
+  "small": dict(dim=128, ffn_dim=256, num_heads=2, num_layers=4, freq_dim=64, text_dim=64),
+  # Unit and parity tests.
+  "tiny": dict(dim=64, ffn_dim=96, num_heads=2, num_layers=2, freq_dim=32, text_dim=32),
+}
+
+
+def wan_dit(size: str = "1.3b") -> ml_collections.ConfigDict:
+  """Keyword arguments of `genmask_jax.models.dit.WanDiT` for a preset size."""
+  if size not in _DIT_SIZES:
+    raise ValueError(f"unknown DiT size {size!r}; choose from {sorted(_DIT_SIZES)}")
+  cfg = dict(_DIT_1P3B, **_DIT_SIZES[size])
+  cfg.update(
+    text_len=512,  # Text features are padded to this length.
+    use_text_mask=False,  # False reproduces WAN's unmasked zero padding.
+    cond_frame_start=-1,  # RoPE frame of the condition tokens; -1: right after the noisy frames.
+    dtype="float32",  # Compute dtype; parameters stay fp32.
+    attention="xla",  # xla | jax_xla | cudnn
+    remat_policy="none",  # none | full | dots | dots_no_batch
+  )
+  return ml_collections.ConfigDict(cfg)
+
+
+# The WAN-2.1 VAE; only base_dim changes between sizes.
+_VAE_BASE_DIM = {"wan2.1": 96, "small": 16, "tiny": 8}
+
+
+def wan_vae(size: str = "wan2.1") -> ml_collections.ConfigDict:
+  """Keyword arguments of the WAN VAE (image path) for a preset size."""
+  if size not in _VAE_BASE_DIM:
+    raise ValueError(f"unknown VAE size {size!r}; choose from {sorted(_VAE_BASE_DIM)}")
+  return ml_collections.ConfigDict(
+    dict(
+      base_dim=_VAE_BASE_DIM[size],
+      z_dim=16,
+      dim_mult=(1, 2, 4, 4),
+      num_res_blocks=2,
+      dtype="float32",
+    )
+  )

@@ -1,0 +1,1 @@
+"""PyTorch checkpoint files (original WAN and diffusers layouts) to Flax parameter trees."""
