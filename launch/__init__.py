@@ -1,0 +1,1 @@
+"""Entry points a user runs: `python -m launch.<script>`."""
