@@ -99,11 +99,13 @@ def main() -> None:
   t_ours, t_theirs = timed(ours, args.repeats), timed(theirs, args.repeats)
   print(f"device: {jax.devices()[0].device_kind}, torch threads {torch.get_num_threads()}")
   print(
-    f"DiT {args.size}: {cfg.num_layers} layers, dim {cfg.dim}, {args.tokens} noisy + {args.tokens} condition tokens"
+    f"DiT {args.size}: {cfg.num_layers} layers, dim {cfg.dim}, "
+    f"{args.tokens} noisy + {args.tokens} condition tokens"
   )
   print(f"parity max |ours - diffusers| = {diff:.2e}")
   print(
-    f"forward: ours {t_ours * 1e3:.1f} ms, diffusers {t_theirs * 1e3:.1f} ms, ratio ours/diffusers = {t_ours / t_theirs:.2f}"
+    f"forward: ours {t_ours * 1e3:.1f} ms, diffusers {t_theirs * 1e3:.1f} ms, "
+    f"ratio ours/diffusers = {t_ours / t_theirs:.2f}"
   )
 
 

@@ -1,4 +1,4 @@
-"""GenMask: the WAN-2.1 DiT and VAE. `--config=configs/genmask.py:SIZE`, SIZE in 1.3b|mid|small|tiny.
+"""GenMask model config: `--config=configs/genmask.py:SIZE`, SIZE in 1.3b|mid|small|tiny.
 
 The paper's setting is 1.3b (the default); the smaller sizes serve benchmarks and tests.
 """
