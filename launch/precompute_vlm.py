@@ -15,17 +15,22 @@ to rewrite each segmentation query into an explicit target description and encod
 
 from __future__ import annotations
 
-import io
 import os
 from collections.abc import Sequence
 
 from absl import app, flags, logging
 from PIL import Image
 
-from genmask_jax.data.features import FeatureItem, FeatureMeta, FeatureWriter, StoreLayout
+from genmask_jax.data.features import (
+  FeatureError,
+  FeatureItem,
+  FeatureMeta,
+  FeatureReader,
+  FeatureWriter,
+  StoreLayout,
+)
+from genmask_jax.data.records import TASKS, RecordReader, decode_image
 from genmask_jax.vlm import encode, prompts
-
-SEGMENTATION, GENERATION = "segmentation", "generation"
 
 _SAMPLES = flags.DEFINE_string("samples", None, "Sample store directory.", required=True)
 _CHECKPOINT = flags.DEFINE_string("checkpoint", None, "Qwen2.5-VL directory.", required=True)
@@ -44,10 +49,7 @@ _MAX_NEW_TOKENS = flags.DEFINE_integer("max_new_tokens", 32, "Rewrite length cap
 
 
 def _image(sample: dict) -> Image.Image:
-  try:
-    return Image.open(io.BytesIO(sample["image"])).convert("RGB")
-  except Exception as e:  # PIL raises several types; name the sample.
-    raise ValueError(f"sample {sample['id']!r}: image bytes do not decode ({e})") from e
+  return Image.fromarray(decode_image(sample))
 
 
 def _rewrite_targets(model, processor, samples, max_new_tokens, max_pixels) -> list[str]:
@@ -69,14 +71,12 @@ def encode_samples(
   max_new_tokens: int = 32,
   max_pixels: int | None = None,
 ) -> list[FeatureItem]:
-  """Feature items of samples {id, task, image (bytes), text}, in order."""
+  """Feature items of sample-store records (genmask_jax/data/records.py), in order."""
   for s in samples:
-    if s["task"] not in (SEGMENTATION, GENERATION):
-      raise ValueError(
-        f"sample {s['id']!r}: task {s['task']!r}, expected {SEGMENTATION!r} or {GENERATION!r}"
-      )
+    if s["task"] not in TASKS:
+      raise ValueError(f"sample {s['id']!r}: task {s['task']!r} is not one of {TASKS}")
   texts = [s["text"] for s in samples]
-  seg = [i for i, s in enumerate(samples) if s["task"] == SEGMENTATION]
+  seg = [i for i, s in enumerate(samples) if s["task"] == "segmentation"]
   if reasoning and seg:
     rewrites = _rewrite_targets(
       model, processor, [samples[i] for i in seg], max_new_tokens, max_pixels
@@ -85,7 +85,7 @@ def encode_samples(
       texts[i] = rewrite
   batch = [
     encode.Prompt(prompts.segmentation_messages(text), _image(s))
-    if s["task"] == SEGMENTATION
+    if s["task"] == "segmentation"
     else encode.Prompt(prompts.generation_messages(text), None)
     for s, text in zip(samples, texts, strict=True)
   ]
@@ -118,7 +118,7 @@ def precompute(
 
 def main(argv: list[str]) -> None:
   del argv
-  samples = ...  # TODO
+  samples = RecordReader(_SAMPLES.value)
   model, processor = encode.load_vlm(_CHECKPOINT.value, _DEVICE.value, _DTYPE.value)
   meta = FeatureMeta(
     model_id=_MODEL_ID.value or os.path.basename(os.path.normpath(_CHECKPOINT.value)),
@@ -138,12 +138,14 @@ def main(argv: list[str]) -> None:
     max_new_tokens=_MAX_NEW_TOKENS.value,
     max_pixels=_MAX_PIXELS.value,
   )
-  logging.info(
-    "%s: worker %d done; store %s",
-    _OUT.value,
-    _WORKER_INDEX.value,
-    "complete" if done else "waits for other workers",
-  )
+  if not done:
+    logging.info(
+      "%s: worker %d done; other workers' shards are missing", _OUT.value, _WORKER_INDEX.value
+    )
+    return
+  if FeatureReader(_OUT.value).ids() != samples.ids():
+    raise FeatureError(f"{_OUT.value}: feature ids are not those of {_SAMPLES.value} in order")
+  logging.info("%s: complete, %d samples", _OUT.value, len(samples))
 
 
 if __name__ == "__main__":

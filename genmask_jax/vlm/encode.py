@@ -1,0 +1,105 @@
+"""Qwen2.5-VL (PyTorch, transformers) as the frozen instruction encoder of GenMask.
+
+Loads any Qwen2.5-VL checkpoint directory without the hub, runs prompts in batches and returns
+per-prompt final-layer hidden states without padding or the chat prefix (see `prompts`).
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Sequence
+from typing import NamedTuple
+
+import numpy as np
+import torch
+from PIL import Image
+from transformers import (
+  AutoImageProcessor,
+  AutoTokenizer,
+  Qwen2_5_VLForConditionalGeneration,
+  Qwen2_5_VLProcessor,
+)
+
+from genmask_jax.vlm import prompts
+
+TORCH_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+class ImageTextProcessor(Qwen2_5_VLProcessor):
+  """The Qwen2.5-VL processor without a video processor (which needs torchvision)."""
+
+  def check_argument_for_proper_class(self, argument_name, argument):
+    if argument_name == "video_processor" and argument is None:
+      return None
+    return super().check_argument_for_proper_class(argument_name, argument)
+
+
+class Prompt(NamedTuple):
+  messages: list[dict]  # Chat messages; an {"type": "image"} part takes `image`.
+  image: Image.Image | None
+
+
+def load_vlm(checkpoint_dir: str, device: str = "cpu", dtype: str = "float32"):
+  """(model, processor) from a local Qwen2.5-VL checkpoint directory; the model in eval mode."""
+  if not os.path.isdir(checkpoint_dir):
+    raise FileNotFoundError(f"{checkpoint_dir}: not a checkpoint directory")
+  model = Qwen2_5_VLForConditionalGeneration.from_pretrained(
+    checkpoint_dir, dtype=TORCH_DTYPES[dtype]
+  )
+  tokenizer = AutoTokenizer.from_pretrained(checkpoint_dir)
+  if tokenizer.chat_template is None:
+    raise ValueError(f"{checkpoint_dir}: the tokenizer has no chat template")
+  processor = ImageTextProcessor(
+    image_processor=AutoImageProcessor.from_pretrained(checkpoint_dir),
+    tokenizer=tokenizer,
+    video_processor=None,
+    chat_template=tokenizer.chat_template,
+  )
+  return model.to(device).eval(), processor
+
+
+def _model_inputs(model, processor, batch: Sequence[Prompt], padding_side: str, max_pixels):
+  texts = [
+    processor.tokenizer.apply_chat_template(p.messages, tokenize=False, add_generation_prompt=True)
+    for p in batch
+  ]
+  images = [p.image for p in batch if p.image is not None]
+  image_kwargs = {} if max_pixels is None else {"max_pixels": max_pixels}
+  inputs = processor(
+    text=texts,
+    images=images or None,
+    padding=True,
+    padding_side=padding_side,
+    return_tensors="pt",
+    **image_kwargs,
+  )
+  return inputs.to(model.device), texts
+
+
+@torch.no_grad()
+def encode_prompts(
+  model, processor, batch: Sequence[Prompt], max_pixels: int | None = None
+) -> list[np.ndarray]:
+  """Per prompt: (L_kept, hidden) float32 final-layer hidden states of the kept tokens."""
+  inputs, texts = _model_inputs(model, processor, batch, "right", max_pixels)
+  hidden = model(**inputs, output_hidden_states=True).hidden_states[-1].float()
+  prefix = torch.tensor(prompts.chat_prefix_ids(processor.tokenizer), device=hidden.device)
+  features = []
+  for i, text in enumerate(texts):
+    attended = inputs["attention_mask"][i].bool()
+    ids = inputs["input_ids"][i][attended]
+    if ids.shape[0] <= prefix.shape[0] or not torch.equal(ids[: prefix.shape[0]], prefix):
+      raise ValueError(f"prompt {text!r} does not start with the chat prefix {prefix.tolist()}")
+    features.append(hidden[i][attended][prefix.shape[0] :].cpu().numpy())
+  return features
+
+
+@torch.no_grad()
+def generate_text(
+  model, processor, batch: Sequence[Prompt], max_new_tokens: int, max_pixels: int | None = None
+) -> list[str]:
+  """Greedy answers of the VLM to the prompts, special tokens removed and stripped."""
+  inputs, _ = _model_inputs(model, processor, batch, "left", max_pixels)
+  out = model.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=False)
+  new_tokens = out[:, inputs["input_ids"].shape[1] :]
+  return [t.strip() for t in processor.tokenizer.batch_decode(new_tokens, skip_special_tokens=True)]
