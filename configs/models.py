@@ -35,7 +35,6 @@ def wan_dit(size: str = "1.3b") -> ml_collections.ConfigDict:
     raise ValueError(f"unknown DiT size {size!r}; choose from {sorted(_DIT_SIZES)}")
   cfg = dict(_DIT_1P3B, **_DIT_SIZES[size])
   cfg.update(
-    text_len=512,  # Text features are padded to this length.
     use_text_mask=False,  # False reproduces WAN's unmasked zero padding.
     cond_frame_start=-1,  # RoPE frame of the condition tokens; -1: right after the noisy frames.
     dtype="float32",  # Compute dtype; parameters stay fp32.

@@ -172,7 +172,6 @@ class WanDiT(nn.Module):
   num_layers: int = 30
   eps: float = 1e-6
   text_dim: int = 3584
-  text_len: int = 512
   use_text_mask: bool = False
   cond_frame_start: int = -1
   dtype: str = "float32"
