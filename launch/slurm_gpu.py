@@ -1,0 +1,163 @@
+r"""Trains on a multi-node GPU cluster: writes an sbatch script, submits it, can follow its log.
+
+  python -m launch.slurm_gpu --nodes=4 --gpus_per_node=8 --partition=gpu --account=my-account \
+      --time=48:00:00 --venv=/shared/genmask-jax/.venv \
+      --config=configs/genmask.py --workdir=/shared/runs/genmask1 \
+      --config_overrides=total_steps=20000 --tail
+
+The job runs one task per node (`srun`); each task is one JAX process driving all GPUs of its
+node. `jax.distributed` is told explicitly who is who: the coordinator is the first host of
+`scontrol show hostnames $SLURM_JOB_NODELIST` at --port, there are $SLURM_NTASKS (= --nodes)
+processes, and this one is $SLURM_PROCID. The checkout (--repo_dir) and --workdir must be on a
+file system every node sees. --dry_run prints the script and the sbatch command and runs none.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shlex
+from collections.abc import Sequence
+
+from launch import commands
+
+# 0.9: XLA preallocates GPU memory (0.75 by default); leave the rest to NCCL and cuDNN.
+# The latency hiding scheduler overlaps the FSDP all-gathers/reduce-scatters with compute.
+DEFAULT_ENV = {
+  "XLA_PYTHON_CLIENT_MEM_FRACTION": "0.9",
+  "XLA_FLAGS": "--xla_gpu_enable_latency_hiding_scheduler=true",
+}
+# Expanded by each task's shell, not when the script is written.
+_DISTRIBUTED_FLAGS = (
+  '--coordinator_address="$COORDINATOR_ADDRESS" --num_processes="$SLURM_NTASKS" '
+  '--process_id="$SLURM_PROCID"'
+)
+
+
+def log_path(log_dir: str, job_name: str, job_id: str) -> str:
+  """The job's log; sbatch's --output spells them %x and %j."""
+  return os.path.join(log_dir, f"{job_name}-{job_id}.out")
+
+
+def srun_command(args: argparse.Namespace) -> list[str]:
+  train = commands.train_command(args.python, args.config, args.workdir, args.config_overrides)
+  step = [f"--nodes={args.nodes}", "--ntasks-per-node=1", "--kill-on-bad-exit=1", "--label"]
+  if args.cpus_per_task:  # srun no longer inherits it from sbatch (Slurm >= 22.05).
+    step.append(f"--cpus-per-task={args.cpus_per_task}")
+  if args.container_image:  # pyxis/enroot.
+    step += [f"--container-image={args.container_image}", f"--container-workdir={args.repo_dir}"]
+    step += [f"--container-mounts={args.container_mounts}"] if args.container_mounts else []
+  return ["srun", *step, "bash", "-c", f"{shlex.join(train)} {_DISTRIBUTED_FLAGS}"]
+
+
+def sbatch_script(args: argparse.Namespace) -> str:
+  optional = {
+    "time": args.time,
+    "partition": args.partition,
+    "account": args.account,
+    "cpus-per-task": args.cpus_per_task,
+  }
+  directives = [
+    f"--job-name={args.job_name}",
+    f"--nodes={args.nodes}",
+    "--ntasks-per-node=1",
+    f"--gpus-per-node={args.gpus_per_node}",
+    *(f"--{key}={value}" for key, value in optional.items() if value),
+    f"--output={log_path(args.log_dir, '%x', '%j')}",
+    *(["--requeue"] if args.requeue else []),
+    *args.sbatch_arg,
+  ]
+  env = dict(DEFAULT_ENV)
+  env.update(commands.assignments(args.env, "--env", commands.ENV_NAME))
+  venv = [f"source {shlex.quote(os.path.join(args.venv, 'bin', 'activate'))}"] if args.venv else []
+  lines = [
+    "#!/bin/bash",
+    *(f"#SBATCH {directive}" for directive in directives),
+    "set -eo pipefail",
+    shlex.join(["cd", args.repo_dir]),
+    *args.prologue,
+    *venv,
+    *(shlex.join(["export", f"{key}={value}"]) for key, value in env.items()),
+    "# jax.distributed: the first node of the allocation coordinates.",
+    'COORDINATOR="$(scontrol show hostnames "$SLURM_JOB_NODELIST" | head -n 1)"',
+    f'export COORDINATOR_ADDRESS="$COORDINATOR:{args.port}"',
+    shlex.join(srun_command(args)),
+  ]
+  return "\n".join(lines) + "\n"
+
+
+def submit(shell: commands.Shell, args: argparse.Namespace) -> None:
+  script = args.script or os.path.join(args.log_dir, f"{args.job_name}.sbatch")
+  shell.makedirs(args.log_dir)  # sbatch does not create the log's folder; the job would die.
+  shell.write(script, sbatch_script(args))
+  sbatch = ["sbatch", "--parsable", script]
+  if shell.dry_run:
+    shell.run(sbatch)
+    if args.tail:
+      shell.note(f"then: tail -n +1 -F {log_path(args.log_dir, args.job_name, '<job id>')}")
+    return
+  answer = shell.read(sbatch).strip()
+  job_id = answer.split(";")[0]  # "<id>" or "<id>;<cluster>".
+  if not job_id.isdigit():
+    raise RuntimeError(f"sbatch answered {answer!r}, expected a job id")
+  log = log_path(args.log_dir, args.job_name, job_id)
+  shell.note(f"submitted job {job_id}; log: {log}")
+  if args.tail:
+    try:  # The log appears when the job starts; tail -F waits for it.
+      shell.run(["tail", "-n", "+1", "-F", log])
+    except KeyboardInterrupt:
+      shell.note(f"stopped following {log}; job {job_id} keeps running (scancel {job_id})")
+
+
+def parse_flags(argv: Sequence[str] | None = None) -> argparse.Namespace:
+  parser = argparse.ArgumentParser(
+    prog="python -m launch.slurm_gpu",
+    description=__doc__,
+    formatter_class=argparse.RawDescriptionHelpFormatter,
+  )
+  add = parser.add_argument
+  add("--job_name", default="genmask")
+  add("--nodes", type=int, default=1)
+  add("--gpus_per_node", type=int, default=8)
+  add("--cpus_per_task", type=int, help="CPUs of each node's task (data loading).")
+  add("--partition")
+  add("--account")
+  add("--time", help="Wall-clock limit, e.g. 48:00:00; default: the partition's.")
+  add("--requeue", action="store_true", help="Let Slurm requeue the job after preemption.")
+  add("--sbatch_arg", action="append", default=[], help="More #SBATCH lines, e.g. --qos=high.")
+  add("--repo_dir", default=commands.PROJECT_ROOT, help="Checkout on the shared file system.")
+  add("--venv", help="Virtual environment activated before srun.")
+  add("--container_image", help="Container for the tasks (pyxis srun --container-image).")
+  add("--container_mounts", help="pyxis --container-mounts, e.g. /shared:/shared.")
+  add("--prologue", action="append", default=[], help="Shell line run first, e.g. module load.")
+  add("--python", default="python", help="Interpreter inside the job's environment.")
+  add("--env", action="append", default=[], help="NAME=VALUE exported (replaces a default).")
+  add("--port", type=int, default=12355, help="jax.distributed coordinator port.")
+  add("--config", default="configs/genmask.py", help="Config file, relative to --repo_dir.")
+  add("--workdir", required=True, help="Shared folder (or gs://) for checkpoints and metrics.")
+  add("--config_overrides", action="append", default=[], help="KEY=VALUE config override.")
+  add("--log_dir", default="slurm_logs", help="Folder of the job logs and the script.")
+  add("--script", help="Where to write the sbatch script; default: LOG_DIR/JOB_NAME.sbatch.")
+  add("--tail", action="store_true", help="Follow the job's log after submitting.")
+  add("--dry_run", action="store_true", help="Print the script and commands, run none.")
+  args = parser.parse_args(argv)
+  if args.nodes < 1 or args.gpus_per_node < 1:
+    parser.error("--nodes and --gpus_per_node must be at least 1")
+  try:
+    commands.train_command(args.python, args.config, args.workdir, args.config_overrides)
+    commands.assignments(args.env, "--env", commands.ENV_NAME)
+  except ValueError as e:
+    parser.error(str(e))
+  # The job starts in the submission folder but cds to the checkout: pin paths down now.
+  args.log_dir = os.path.abspath(args.log_dir)
+  args.repo_dir = os.path.abspath(args.repo_dir)
+  return args
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+  args = parse_flags(argv)
+  submit(commands.Shell(args.dry_run), args)
+
+
+if __name__ == "__main__":
+  main()

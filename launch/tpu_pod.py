@@ -1,0 +1,287 @@
+r"""Trains on a Cloud TPU VM or pod slice: create, install, train on every worker, delete.
+
+  python -m launch.tpu_pod run --name=genmask-v5p --zone=us-east5-a --project=my-project \
+      --accelerator_type=v5p-64 --queued --spot \
+      --config=configs/genmask.py --workdir=gs://my-bucket/genmask/run1 \
+      --config_overrides=total_steps=20000
+
+Actions: `run` (create, install, train, then delete the TPU even when training fails or is
+interrupted, unless --keep), `create`, `install`, `train`, `delete`, `logs`. --dry_run prints the
+exact gcloud commands and runs none.
+
+The TPU is a TPU VM (`tpu-vm create`) or, with --queued, a queued resource whose node has the
+same name (created when capacity frees up; we poll until ACTIVE). Every worker gets the project
+(a tarball of --source_dir, or `git clone` of --repo at --ref) under ~/genmask-jax, a Python
+--python_version virtual environment made by uv (TPU images ship an older Python) with
+--requirements and jax[tpu], then runs the same training command; `jax.distributed` finds its
+peers from the TPU metadata. Each worker also writes ~/genmask-jax-train.log, which `logs` tails
+(and which a --detach'ed run writes to instead of the ssh stream).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shlex
+import tempfile
+import time
+from collections.abc import Sequence
+
+from launch import commands
+
+JAX_TPU = "jax[tpu]==0.10.2"
+REMOTE_DIR = "genmask-jax"  # Relative to the worker's home, where ssh commands start.
+REMOTE_LOG = "genmask-jax-train.log"
+REMOTE_TARBALL = "genmask-jax.tar.gz"
+SOURCE_EXCLUDES = (".git", ".venv", "__pycache__", ".pytest_cache", ".ruff_cache")
+# The software version Cloud TPU documents for JAX, by accelerator family.
+RUNTIME_VERSIONS = {
+  "v6e": "v2-alpha-tpuv6e",
+  "v5p": "v2-alpha-tpuv5",
+  "v5litepod": "v2-alpha-tpuv5-lite",
+  "v4": "tpu-ubuntu2204-base",
+  "v3": "tpu-ubuntu2204-base",
+  "v2": "tpu-ubuntu2204-base",
+}
+_QUEUED_FAILED = ("FAILED", "SUSPENDING", "SUSPENDED", "DELETING")
+ACTIONS = ("run", "create", "install", "train", "delete", "logs")
+
+
+def _gcloud(args: argparse.Namespace, group: str, verb: str, *rest: str) -> list[str]:
+  where = [f"--zone={args.zone}"] + ([f"--project={args.project}"] if args.project else [])
+  return ["gcloud", "compute", "tpus", group, verb, *rest, *where]
+
+
+def runtime_version(args: argparse.Namespace) -> str:
+  if args.runtime_version:
+    return args.runtime_version
+  family = args.accelerator_type.rpartition("-")[0]
+  if family not in RUNTIME_VERSIONS:
+    raise ValueError(
+      f"--accelerator_type={args.accelerator_type}: no default runtime for {family!r} "
+      f"(known: {sorted(RUNTIME_VERSIONS)}); pass --runtime_version"
+    )
+  return RUNTIME_VERSIONS[family]
+
+
+def create_command(args: argparse.Namespace) -> list[str]:
+  spot = ["--spot"] if args.spot else []
+  accelerator = f"--accelerator-type={args.accelerator_type}"
+  if args.queued:
+    return _gcloud(
+      args,
+      "queued-resources",
+      "create",
+      args.name,
+      f"--node-id={args.name}",
+      accelerator,
+      f"--runtime-version={runtime_version(args)}",
+      *spot,
+    )
+  return _gcloud(
+    args, "tpu-vm", "create", args.name, accelerator, f"--version={runtime_version(args)}", *spot
+  )
+
+
+def describe_command(args: argparse.Namespace) -> list[str]:
+  return _gcloud(args, "queued-resources", "describe", args.name, "--format=value(state.state)")
+
+
+def delete_command(args: argparse.Namespace) -> list[str]:
+  if args.queued:  # --force deletes the node too.
+    return _gcloud(args, "queued-resources", "delete", args.name, "--force", "--quiet")
+  return _gcloud(args, "tpu-vm", "delete", args.name, "--quiet")
+
+
+def ssh_command(
+  args: argparse.Namespace, worker: str, remote: str, log_dir: str | None = None
+) -> list[str]:
+  """`remote` runs in the worker's login shell; with log_dir, worker N's output goes to N.log."""
+  logs = [f"--output-directory={log_dir}"] if log_dir else []
+  return _gcloud(args, "tpu-vm", "ssh", args.name, f"--worker={worker}", *logs) + [
+    f"--command={remote}"
+  ]
+
+
+def _and(*steps: Sequence[str]) -> str:
+  return " && ".join(shlex.join(step) for step in steps)
+
+
+def local_tarball(args: argparse.Namespace) -> str:
+  return os.path.join(tempfile.gettempdir(), f"{args.name}-{REMOTE_TARBALL}")
+
+
+def upload_commands(args: argparse.Namespace) -> list[list[str]]:
+  """Packs --source_dir and copies it to every worker; nothing to do for --repo."""
+  if args.repo:
+    return []
+  tarball = local_tarball(args)
+  excludes = [f"--exclude={pattern}" for pattern in (*SOURCE_EXCLUDES, *args.exclude)]
+  return [
+    ["tar", "-czf", tarball, *excludes, "-C", args.source_dir, "."],
+    _gcloud(args, "tpu-vm", "scp", tarball, f"{args.name}:{REMOTE_TARBALL}", "--worker=all"),
+  ]
+
+
+def install_command(args: argparse.Namespace) -> list[str]:
+  if args.repo:
+    checkout = [["git", "-C", REMOTE_DIR, "checkout", "--quiet", args.ref]] if args.ref else []
+    source = [["git", "clone", "--quiet", args.repo, REMOTE_DIR], *checkout]
+  else:
+    source = [["mkdir", REMOTE_DIR], ["tar", "-xzf", REMOTE_TARBALL, "-C", REMOTE_DIR]]
+  python = f"{REMOTE_DIR}/.venv/bin/python"
+  remote = _and(
+    ["rm", "-rf", REMOTE_DIR],
+    *source,
+    ["python3", "-m", "pip", "install", "--user", "--quiet", "uv"],
+    ["python3", "-m", "uv", "venv", f"--python={args.python_version}", f"{REMOTE_DIR}/.venv"],
+    ["python3", "-m", "uv", "pip", "install", f"--python={python}"]
+    + ["-r", f"{REMOTE_DIR}/{args.requirements}", JAX_TPU],
+  )
+  return ssh_command(args, "all", remote)
+
+
+def train_command(args: argparse.Namespace) -> list[str]:
+  env = commands.assignments(args.env, "--env", commands.ENV_NAME)
+  setup = _and(["cd", REMOTE_DIR], *(["export", f"{k}={v}"] for k, v in env))
+  train = shlex.join(
+    commands.train_command(".venv/bin/python", args.config, args.workdir, args.config_overrides)
+  )
+  log = shlex.quote(f"../{REMOTE_LOG}")
+  if args.detach:  # The subshell returns at once, so ssh does not wait for training.
+    remote = f"{setup} && (nohup {train} > {log} 2>&1 < /dev/null &)"
+  else:
+    remote = f"{setup} && set -o pipefail && {train} 2>&1 | tee {log}"
+  return ssh_command(args, "all", remote, args.log_dir)
+
+
+def logs_command(args: argparse.Namespace) -> list[str]:
+  follow = shlex.join(["tail", "-n", "+1", "-F", REMOTE_LOG])
+  return ssh_command(args, args.worker, follow, args.log_dir)
+
+
+def _wait_until_ready(shell: commands.Shell, args: argparse.Namespace) -> None:
+  """A TPU VM is ready when `create` returns; a queued resource when it turns ACTIVE."""
+  if not args.queued:
+    return
+  if shell.dry_run:
+    shell.note(f"repeated every {args.poll_seconds} s until it prints ACTIVE:")
+    shell.run(describe_command(args))
+    return
+  while (state := shell.read(describe_command(args)).strip()) != "ACTIVE":
+    if state in _QUEUED_FAILED:
+      raise RuntimeError(f"queued resource {args.name} is {state}; `describe` it for the reason")
+    shell.note(f"queued resource {args.name} is {state}; asking again in {args.poll_seconds} s")
+    time.sleep(args.poll_seconds)
+
+
+def _create(shell: commands.Shell, args: argparse.Namespace) -> None:
+  shell.run(create_command(args))
+  _wait_until_ready(shell, args)
+
+
+def _install(shell: commands.Shell, args: argparse.Namespace) -> None:
+  for cmd in upload_commands(args):
+    shell.run(cmd)
+  shell.run(install_command(args))
+
+
+def _with_log_dir(shell: commands.Shell, args: argparse.Namespace, cmd: list[str]) -> None:
+  if args.log_dir:  # gcloud requires the folder to exist.
+    shell.makedirs(args.log_dir)
+  shell.run(cmd)
+
+
+def _run(shell: commands.Shell, args: argparse.Namespace) -> None:
+  shell.run(create_command(args))
+  try:  # From here on the TPU exists: delete it whatever happens, unless told to keep it.
+    _wait_until_ready(shell, args)
+    _install(shell, args)
+    _with_log_dir(shell, args, train_command(args))
+  finally:
+    if args.keep:
+      shell.note(f"kept {args.name}; delete it with: {shlex.join(delete_command(args))}")
+    else:
+      shell.run(delete_command(args))
+
+
+def parse_flags(argv: Sequence[str] | None = None) -> argparse.Namespace:
+  parser = argparse.ArgumentParser(
+    prog="python -m launch.tpu_pod",
+    description=__doc__,
+    formatter_class=argparse.RawDescriptionHelpFormatter,
+  )
+  add = parser.add_argument
+  add("action", choices=ACTIONS)
+  add("--name", required=True, help="TPU (and queued resource) name.")
+  add("--zone", required=True)
+  add("--project", help="Google Cloud project; default: gcloud's configured project.")
+  add("--accelerator_type", help="e.g. v5p-64, v5litepod-16, v6e-32, v4-32 (run, create).")
+  add("--runtime_version", help="TPU software version; default: by accelerator family.")
+  add("--queued", action="store_true", help="Request a queued resource and wait for it.")
+  add("--spot", action="store_true", help="Spot capacity (cheaper, can be preempted).")
+  add("--poll_seconds", type=int, default=60, help="Queued resource polling interval.")
+  add(
+    "--source_dir",
+    help=f"Local checkout to upload; default (without --repo): {commands.PROJECT_ROOT}.",
+  )
+  add("--exclude", action="append", default=[], help="More tar --exclude patterns for uploads.")
+  add("--repo", help="Git URL the workers clone instead of an upload.")
+  add("--ref", help="Branch, tag or commit of --repo to check out.")
+  add("--requirements", default="requirements.txt", help="Requirements file in the checkout.")
+  add("--python_version", default="3.11", help="Python of the workers' virtual environment.")
+  add("--config", default="configs/genmask.py", help="Config file, relative to the checkout.")
+  add("--workdir", help="gs:// folder for checkpoints and metrics, shared by all workers.")
+  add("--config_overrides", action="append", default=[], help="KEY=VALUE config override.")
+  add("--env", action="append", default=[], help="NAME=VALUE exported before training.")
+  add("--log_dir", help="Local folder for per-worker logs N.log instead of the console.")
+  add("--worker", default="0", help="Worker(s) whose log `logs` follows: 0, 1-3 or all.")
+  add("--detach", action="store_true", help="train: start training and return at once.")
+  add("--keep", action="store_true", help="run: do not delete the TPU at the end.")
+  add("--dry_run", action="store_true", help="Print the commands, run none.")
+  args = parser.parse_args(argv)
+
+  action = args.action
+  if action in ("run", "create") and not args.accelerator_type:
+    parser.error(f"{action} needs --accelerator_type")
+  if action in ("run", "train") and not (args.workdir or "").startswith("gs://"):
+    parser.error(f"{action} needs --workdir=gs://...: every worker reads and writes it")
+  if args.repo and args.source_dir:
+    parser.error("give --repo or --source_dir, not both")
+  if args.ref and not args.repo:
+    parser.error("--ref needs --repo")
+  if action == "run" and args.detach and not args.keep:
+    parser.error("run --detach would delete the TPU while it trains: add --keep")
+  if not args.repo:
+    args.source_dir = args.source_dir or commands.PROJECT_ROOT
+    if not os.path.isdir(args.source_dir):
+      parser.error(f"--source_dir={args.source_dir} is not a folder")
+  try:
+    commands.assignments(args.config_overrides, "--config_overrides", commands.CONFIG_KEY)
+    commands.assignments(args.env, "--env", commands.ENV_NAME)
+    if args.accelerator_type:
+      runtime_version(args)
+  except ValueError as e:
+    parser.error(str(e))
+  return args
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+  args = parse_flags(argv)
+  shell = commands.Shell(args.dry_run)
+  if args.action == "run":
+    _run(shell, args)
+  elif args.action == "create":
+    _create(shell, args)
+  elif args.action == "install":
+    _install(shell, args)
+  elif args.action == "train":
+    _with_log_dir(shell, args, train_command(args))
+  elif args.action == "logs":
+    _with_log_dir(shell, args, logs_command(args))
+  else:
+    shell.run(delete_command(args))
+
+
+if __name__ == "__main__":
+  main()
