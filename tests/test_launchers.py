@@ -41,7 +41,7 @@ def source(tmp_path, monkeypatch):
   src = tmp_path / "src"
   (src / ".git").mkdir(parents=True)
   (src / ".git" / "HEAD").write_text("ref")
-  (src / "requirements.txt").write_text("jax==0.10.2\n")
+  (src / "requirements-train.txt").write_text("jax==0.10.2\n")
   return src
 
 
@@ -57,7 +57,7 @@ def test_tpu_run_dry_run_prints_the_exact_commands(source, tmp_path, capsys):
     " && python3 -m pip install --user --quiet uv"
     " && python3 -m uv venv --python=3.11 genmask-jax/.venv"
     " && python3 -m uv pip install --python=genmask-jax/.venv/bin/python"
-    " -r genmask-jax/requirements.txt 'jax[tpu]==0.10.2'"
+    " -r genmask-jax/requirements-train.txt 'jax[tpu]==0.10.2'"
   )
   train = (
     "cd genmask-jax && set -o pipefail && .venv/bin/python -m genmask_jax.main"
@@ -255,7 +255,7 @@ def test_tpu_run_waits_for_the_queue_and_deletes_after_a_failed_training(
   ]
   assert calls[-1][:5] == ["gcloud", "compute", "tpus", "queued-resources", "delete"]
   with tarfile.open(tmp_path / "gm-pod-genmask-jax.tar.gz") as tar:
-    assert sorted(tar.getnames()) == [".", "./requirements.txt"]  # .git left out.
+    assert sorted(tar.getnames()) == [".", "./requirements-train.txt"]  # .git left out.
 
 
 def test_tpu_run_keeps_a_failed_queued_resource_only_with_keep(source, bin_dir, capsys):
