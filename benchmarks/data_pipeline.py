@@ -1,0 +1,113 @@
+"""Throughput of the training input pipeline (samples per second, both tasks counted).
+
+  python -m benchmarks.data_pipeline --resolution=512 --workers 0 2
+
+Writes COCO-like sample stores (640x480 JPEGs of smooth noise with masks, and captioned
+images for generation) and feature stores with Qwen2.5-VL-7B-sized hidden states, then times
+`pipeline.train_dataset` after a warm-up, once per worker count.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import tempfile
+import time
+
+import cv2
+import grain
+import numpy as np
+from absl import flags
+
+from genmask_jax.data import pipeline, records
+from genmask_jax.data.features import FeatureItem, FeatureMeta, FeatureWriter, StoreLayout
+from genmask_jax.vlm.prompts import prompt_template
+
+
+def _photo(rng: np.random.Generator, height: int, width: int) -> bytes:
+  """A JPEG of smooth noise, about as costly to decode as a natural photo of its size."""
+  coarse = rng.integers(0, 256, (height // 16, width // 16, 3), dtype=np.uint8)
+  image = cv2.resize(coarse, (width, height), interpolation=cv2.INTER_CUBIC)
+  image = np.clip(image + rng.normal(0, 6, image.shape), 0, 255).astype(np.uint8)
+  return cv2.imencode(".jpg", image, [cv2.IMWRITE_JPEG_QUALITY, 90])[1].tobytes()
+
+
+def _stores(root: str, task: str, args) -> dict:
+  rng = np.random.default_rng(records.TASKS.index(task))
+  samples = os.path.join(root, task)
+  with records.RecordWriter(samples, 256) as writer:
+    for i in range(args.num_samples):
+      h, w = (480, 640) if i % 2 else (640, 480)
+      mask = None
+      if task == "segmentation":
+        mask = np.zeros((h, w), np.uint8)
+        cv2.ellipse(mask, (w // 2, h // 2), (w // 4, h // 5), 0, 0, 360, 1, -1)
+      image = _photo(rng, h, w)
+      writer.write(
+        records.make_sample(
+          sample_id=f"{task}/{i}", task=task, image=image, mask=mask, text="x", source={}
+        )
+      )
+  features = os.path.join(root, task + "_features")
+  meta = FeatureMeta(args.model_id, prompt_template(), "bfloat16", args.hidden)
+  feature_writer = FeatureWriter(features, meta, StoreLayout(args.num_samples, 1, 64), 0)
+  for shard, start, stop in feature_writer.pending_shards():
+    feature_writer.write_shard(
+      shard,
+      [
+        FeatureItem(f"{task}/{i}", "x", rng.normal(size=(args.tokens, args.hidden)))
+        for i in range(start, stop)
+      ],
+    )
+  assert feature_writer.finalize()
+  return {"records": samples, "features": features}
+
+
+def main() -> None:
+  parser = argparse.ArgumentParser(description=__doc__)
+  parser.add_argument("--resolution", type=int, default=512)
+  parser.add_argument("--batch_size", type=int, default=8, help="Per task and step.")
+  parser.add_argument("--workers", type=int, nargs="+", default=[0, 2])
+  parser.add_argument("--num_samples", type=int, default=96, help="Per task.")
+  parser.add_argument("--steps", type=int, default=12, help="Timed steps after 2 warm-up ones.")
+  parser.add_argument("--hidden", type=int, default=3584, help="Qwen2.5-VL-7B's width.")
+  parser.add_argument("--tokens", type=int, default=350, help="Real tokens per sample.")
+  parser.add_argument("--text_len", type=int, default=512)
+  parser.add_argument("--text_dtype", default="bfloat16", choices=list(pipeline.TEXT_DTYPES))
+  parser.add_argument("--threads", type=int, default=8)
+  parser.add_argument("--model_id", default="bench")
+  args = parser.parse_args()
+  flags.FLAGS.mark_as_parsed()  # grain workers read absl flags.
+
+  with tempfile.TemporaryDirectory() as root:
+    cfg = pipeline.default_config()
+    cfg.update(
+      encoder_model_id=args.model_id,
+      text_len=args.text_len,
+      text_dtype=args.text_dtype,
+      num_threads=args.threads,
+    )
+    for task in records.TASKS:
+      cfg[task].update(
+        sources=[_stores(root, task, args)], resolution=args.resolution, batch_size=args.batch_size
+      )
+    print(
+      f"{os.cpu_count()} CPUs; {args.resolution}x{args.resolution}, batch {args.batch_size} per "
+      f"task, 640x480 JPEGs, text {args.tokens}/{args.text_len} x {args.hidden} {args.text_dtype}"
+    )
+    for workers in args.workers:
+      cfg.num_workers = workers
+      batches = iter(pipeline.train_dataset(cfg, grain.sharding.NoSharding()))
+      for _ in range(2):
+        next(batches)
+      start = time.perf_counter()
+      for _ in range(args.steps):
+        next(batches)
+      seconds = time.perf_counter() - start
+      batches.close()
+      rate = args.steps * 2 * args.batch_size / seconds
+      print(f"workers {workers}: {rate:.1f} samples/s ({seconds / args.steps * 1e3:.0f} ms/step)")
+
+
+if __name__ == "__main__":
+  main()

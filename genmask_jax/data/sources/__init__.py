@@ -1,0 +1,1 @@
+"""Converters from public data sets to the sample store, one module per source."""
