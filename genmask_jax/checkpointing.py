@@ -1,0 +1,90 @@
+"""Training checkpoints with Orbax: train state, per-process data-iterator state, config.
+
+Saves are asynchronous and atomic (Orbax finalizes a step only once every process wrote its
+shards), so a run killed at any moment restarts from the last complete step.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+import grain
+import ml_collections
+import orbax.checkpoint as ocp
+
+
+def _restore_args(abstract: Any, partial: bool = False) -> ocp.args.PyTreeRestore:
+  """Restores into the shapes, dtypes and shardings of `abstract` (ShapeDtypeStructs)."""
+  return ocp.args.PyTreeRestore(
+    abstract,
+    restore_args=ocp.checkpoint_utils.construct_restore_args(abstract),
+    partial_restore=partial,
+  )
+
+
+class TrainCheckpoints:
+  """The checkpoints of one training run under `directory`."""
+
+  def __init__(self, directory: str, *, keep: int, every: int, async_save: bool = True):
+    self.manager = ocp.CheckpointManager(
+      os.path.abspath(directory),
+      item_handlers={
+        "state": ocp.PyTreeCheckpointHandler(),
+        "data": grain.checkpoint.CheckpointHandler(),
+        "config": ocp.JsonCheckpointHandler(),
+      },
+      options=ocp.CheckpointManagerOptions(
+        max_to_keep=keep,
+        save_interval_steps=every,
+        create=True,
+        enable_async_checkpointing=async_save,
+      ),
+    )
+
+  def latest_step(self) -> int | None:
+    return self.manager.latest_step()
+
+  def save(
+    self,
+    step: int,
+    state: Any,
+    data_iterator: Any,
+    config: ml_collections.ConfigDict,
+    force: bool = False,
+  ) -> bool:
+    """Saves at `step` if it is a save step (or `force`); returns whether it saved."""
+    return self.manager.save(
+      step,
+      args=ocp.args.Composite(
+        state=ocp.args.PyTreeSave(state),
+        data=grain.checkpoint.CheckpointSave(data_iterator),
+        config=ocp.args.JsonSave(config.to_dict()),
+      ),
+      force=force,
+    )
+
+  def restore(self, step: int, abstract_state: Any, data_iterator: Any) -> Any:
+    """The train state at `step`, in the shardings of `abstract_state`; rewinds `data_iterator`."""
+    restored = self.manager.restore(
+      step,
+      args=ocp.args.Composite(
+        state=_restore_args(abstract_state),
+        data=grain.checkpoint.CheckpointRestore(data_iterator),
+      ),
+    )
+    return restored.state
+
+  def restore_params(self, step: int, abstract_params: Any) -> Any:
+    """Only the trained parameters at `step` (for evaluation and inference)."""
+    restored = self.manager.restore(
+      step,
+      args=ocp.args.Composite(state=_restore_args({"params": abstract_params}, partial=True)),
+    )
+    return restored.state["params"]
+
+  def wait(self) -> None:
+    self.manager.wait_until_finished()
+
+  def close(self) -> None:
+    self.manager.close()

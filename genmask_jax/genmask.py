@@ -1,0 +1,82 @@
+"""The GenMask model bundle: the WAN DiT, the frozen WAN VAE and the optional linear mask head.
+
+Modules only; parameters live in plain pytrees held by the caller:
+  trainable = {"dit": ..., "mask_head": ...}  (the head only for the linear-BCE format)
+  vae       = the frozen VAE's parameters
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+
+from genmask_jax import sharding, weights
+from genmask_jax.diffusion.mask_decoders import LinearMaskHead
+from genmask_jax.masks import image_to_mask_logits
+from genmask_jax.models.dit import WanDiT
+from genmask_jax.models.vae import WanVAE
+
+
+@dataclasses.dataclass(frozen=True)
+class Models:
+  dit: WanDiT
+  vae: WanVAE
+  mask_head: LinearMaskHead | None
+  use_condition_tokens: bool
+
+  @classmethod
+  def from_config(cls, config: ml_collections.ConfigDict) -> Models:
+    diffusion = config.diffusion
+    return cls(
+      dit=WanDiT(**config.dit.to_dict()),
+      vae=WanVAE(**config.vae.to_dict()),
+      mask_head=LinearMaskHead() if diffusion.segmentation_loss == "linear_bce" else None,
+      use_condition_tokens=diffusion.use_condition_tokens,
+    )
+
+  def velocity(self, params, x, t, context, context_mask, cond):
+    """The DiT's velocity; `cond` is ignored when the config turns condition tokens off."""
+    cond = cond if self.use_condition_tokens else None
+    return self.dit.apply({"params": params}, x, t, context, context_mask, cond)
+
+  def encode(self, vae_params, images: jax.Array) -> jax.Array:
+    """Frozen VAE encoding of (B, H, W, 3) images to (B, 1, H/8, W/8, 16) latents."""
+    latents = self.vae.apply({"params": vae_params}, images, method=WanVAE.encode)
+    return jax.lax.stop_gradient(latents[:, None])
+
+  def decode(self, vae_params, latents: jax.Array) -> jax.Array:
+    """(B, h, w, 16) latents to (B, 8h, 8w, 3) images in [-1, 1]."""
+    return self.vae.apply({"params": vae_params}, latents, method=WanVAE.decode)
+
+  def vae_mask_logits(self, vae_params, latents: jax.Array) -> jax.Array:
+    return image_to_mask_logits(self.decode(vae_params, latents))
+
+  def init_params(self, rng: jax.Array) -> dict:
+    """Random trainable parameters, boxed with logical axis names."""
+    rng_dit, rng_head = jax.random.split(rng)
+    latent = jnp.zeros((1, 1, 2 * self.dit.patch_size[1], 2 * self.dit.patch_size[2], 16))
+    context = jnp.zeros((1, 1, self.dit.text_dim))
+    params = {"dit": self.dit.init(rng_dit, latent, jnp.zeros((1,)), context)["params"]}
+    if self.mask_head is not None:
+      params["mask_head"] = self.mask_head.init(rng_head, latent[:, 0])["params"]
+    return params
+
+  def init_vae_params(self, rng: jax.Array) -> dict:
+    return self.vae.init(rng, jnp.zeros((1, 8, 8, 3)))["params"]
+
+
+def frozen_vae_params(models: Models, config: ml_collections.ConfigDict, mesh, rules) -> Any:
+  """The VAE's parameters in their shardings: converted weights (`config.init.vae_weights`)
+  or, when empty, a seeded random initialization."""
+  boxed = jax.eval_shape(models.init_vae_params, jax.random.key(0))
+  abstract, shardings = sharding.abstract_with_shardings(boxed, mesh, rules)
+  if config.init.vae_weights:
+    return weights.restore(config.init.vae_weights, "vae", abstract)
+  init = jax.jit(
+    lambda rng: sharding.strip_axis_names(models.init_vae_params(rng)), out_shardings=shardings
+  )
+  return init(jax.random.key(config.seed + 1))

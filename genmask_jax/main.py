@@ -1,0 +1,40 @@
+r"""Entry point: training and evaluation.
+
+  python -m genmask_jax.main --config=configs/genmask.py --workdir=runs/genmask \
+      [--config.optimizer.lr=3e-5 ...] [--mode=train|eval]
+
+On a TPU pod or a SLURM allocation start the same command on every host; `jax.distributed`
+is set up from the environment (or from --coordinator_address/--num_processes/--process_id).
+"""
+
+from __future__ import annotations
+
+from absl import app, flags
+from ml_collections import config_flags
+
+from genmask_jax import distributed
+
+_CONFIG = config_flags.DEFINE_config_file("config", None, "Config file.", lock_config=True)
+_WORKDIR = flags.DEFINE_string("workdir", None, "Checkpoints, logs and results.", required=True)
+_MODE = flags.DEFINE_enum("mode", "train", ["train", "eval"], "What to run.")
+_COORDINATOR = flags.DEFINE_string("coordinator_address", None, "host:port of process 0.")
+_NUM_PROCESSES = flags.DEFINE_integer("num_processes", None, "Processes in the job.")
+_PROCESS_ID = flags.DEFINE_integer("process_id", None, "This process's index.")
+
+
+def main(argv: list[str]) -> None:
+  del argv
+  distributed.initialize(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value)
+  if _MODE.value == "train":
+    from genmask_jax import train
+
+    train.train(_CONFIG.value, _WORKDIR.value)
+  else:
+    from genmask_jax import evaluate
+
+    evaluate.evaluate(_CONFIG.value, _WORKDIR.value)
+
+
+if __name__ == "__main__":
+  flags.mark_flag_as_required("config")
+  app.run(main)

@@ -1,0 +1,68 @@
+"""Training metrics to TensorBoard, a JSON-lines file and the console (process 0 only)."""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+import time
+from collections.abc import Mapping
+
+import jax
+from absl import logging
+
+
+class MetricWriter:
+  """Writes scalars every call (TensorBoard events under `workdir/tensorboard`, one JSON line
+  per step in `workdir/metrics.jsonl`); prints a console line every `log_every` steps.
+
+  Only process 0 writes. A progress bar is shown when stdout is a terminal.
+  """
+
+  def __init__(self, workdir: str, total_steps: int, samples_per_step: int, log_every: int):
+    self.active = jax.process_index() == 0
+    self.total_steps, self.samples_per_step, self.log_every = (
+      total_steps,
+      samples_per_step,
+      log_every,
+    )
+    self._tb = self._bar = self._jsonl = None
+    if self.active:
+      from tensorboardX import SummaryWriter
+
+      self._tb = SummaryWriter(os.path.join(workdir, "tensorboard"))
+      self._jsonl = open(os.path.join(workdir, "metrics.jsonl"), "a")
+      if sys.stdout.isatty():
+        from tqdm import tqdm
+
+        self._bar = tqdm(total=total_steps, unit="step")
+    self._last: tuple[float, int] | None = None  # (time, step) of the last console line.
+
+  def write(self, step: int, scalars: Mapping[str, float]) -> None:
+    if not self.active:
+      return
+    scalars = dict(scalars)
+    if self._bar is not None:
+      self._bar.n = step
+      self._bar.set_postfix(loss=f"{scalars.get('loss', float('nan')):.4f}", refresh=True)
+    eta = ""
+    if step % self.log_every == 0 or step == self.total_steps:
+      now = time.perf_counter()
+      if self._last is not None:
+        steps_per_s = (step - self._last[1]) / (now - self._last[0])
+        scalars.update(steps_per_s=steps_per_s, samples_per_s=steps_per_s * self.samples_per_step)
+        eta = f" eta {(self.total_steps - step) / steps_per_s / 60:.1f} min"
+      self._last = (now, step)
+      text = " ".join(f"{k}={v:.4g}" for k, v in sorted(scalars.items()))
+      logging.info("step %d/%d %s%s", step, self.total_steps, text, eta)
+    for name, value in scalars.items():
+      self._tb.add_scalar(name, value, step)
+    self._jsonl.write(json.dumps(dict(scalars, step=step)) + "\n")
+    self._jsonl.flush()
+
+  def close(self) -> None:
+    if self._tb is not None:
+      self._tb.close()
+      self._jsonl.close()
+    if self._bar is not None:
+      self._bar.close()

@@ -1,0 +1,219 @@
+"""GenMask training: one jitted, sharded step over a segmentation and a generation sub-batch.
+
+Read top to bottom: the train state and its shardings, the step, the loop. The frozen VAE
+encodes images and masks inside the step; the DiT (and, for the linear-BCE format, a linear
+mask head) are the only trained parameters.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+from collections.abc import Iterator
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import optax
+from absl import logging
+from flax import struct
+
+from genmask_jax import checkpointing, sharding, weights
+from genmask_jax.diffusion import losses, tasks
+from genmask_jax.genmask import Models, frozen_vae_params
+from genmask_jax.masks import mask_to_image
+from genmask_jax.metric_writer import MetricWriter
+from genmask_jax.optimizer import learning_rate, make_optimizer
+
+# What the step reads of a data sub-batch (the rest stays on the host).
+SEGMENTATION_KEYS = ("image", "mask", "text", "text_mask")
+GENERATION_KEYS = ("image", "text", "text_mask")
+
+
+class NonFiniteError(FloatingPointError):
+  """The loss or the gradient norm stopped being finite."""
+
+
+class TrainState(struct.PyTreeNode):
+  step: jax.Array
+  params: Any  # {"dit": ..., "mask_head": ...} (the head only for linear_bce).
+  opt_state: Any
+
+
+def abstract_train_state(models, config, optimizer, mesh, rules) -> tuple[TrainState, TrainState]:
+  """The train state's shapes and shardings, derived without materializing anything."""
+
+  def init(rng):
+    params = models.init_params(rng)
+    return TrainState(
+      step=jnp.zeros((), jnp.int32), params=params, opt_state=optimizer.init(params)
+    )
+
+  return sharding.abstract_with_shardings(jax.eval_shape(init, jax.random.key(0)), mesh, rules)
+
+
+def initial_train_state(models, config, optimizer, mesh, rules) -> TrainState:
+  """A fresh train state, each array created directly in its sharding.
+
+  With `config.init.weights` (a folder from launch/convert_wan.py) the DiT starts from those
+  weights, restored straight into their shardings; otherwise from a random initialization.
+  """
+  abstract, shardings = abstract_train_state(models, config, optimizer, mesh, rules)
+  rng = jax.random.key(config.seed)
+
+  @functools.partial(jax.jit, out_shardings=shardings)
+  def create(rng, dit_params):
+    params = sharding.strip_axis_names(models.init_params(rng))
+    if dit_params is not None:
+      params["dit"] = dit_params
+    return TrainState(
+      step=jnp.zeros((), jnp.int32), params=params, opt_state=optimizer.init(params)
+    )
+
+  dit_params = None
+  if config.init.weights:
+    dit_params = weights.restore(config.init.weights, "dit", abstract.params["dit"])
+  return create(rng, dit_params)
+
+
+def encode_batch(models: Models, vae_params, sub_batch: dict, task: int) -> dict:
+  """A data sub-batch as the loss sees it: clean latents, task ids, text, condition latents."""
+  n = sub_batch["image"].shape[0]
+  out = {
+    "task": jnp.full((n,), task, jnp.int32),
+    "context": sub_batch["text"],
+    "context_mask": sub_batch["text_mask"],
+  }
+  if task == tasks.SEGMENTATION:
+    out["latents"] = models.encode(vae_params, mask_to_image(sub_batch["mask"]))
+    out["mask"] = sub_batch["mask"]
+    if models.use_condition_tokens:
+      out["cond"] = models.encode(vae_params, sub_batch["image"])
+  else:
+    out["latents"] = models.encode(vae_params, sub_batch["image"])
+  return out
+
+
+def train_step(
+  models: Models,
+  config: ml_collections.ConfigDict,
+  optimizer: optax.GradientTransformation,
+  state: TrainState,
+  vae_params: Any,
+  batch: dict[str, dict[str, jax.Array]],
+  rng: jax.Array,
+) -> tuple[TrainState, dict[str, jax.Array]]:
+  """One update from a segmentation and (optionally) a generation sub-batch."""
+  rng = jax.random.fold_in(rng, state.step)
+  parts = [(tasks.SEGMENTATION, batch["segmentation"])]
+  if "generation" in batch:
+    parts.append((tasks.GENERATION, batch["generation"]))
+  encoded = [(encode_batch(models, vae_params, b, task), task) for task, b in parts]
+  loss_fn = functools.partial(
+    losses.training_loss,
+    models.velocity,
+    config=config.diffusion,
+    vae_params=vae_params,
+    vae_mask_logits=models.vae_mask_logits,
+  )
+
+  def total_loss(params):
+    total, count, metrics = 0.0, 0, {}
+    for sub_batch, task in encoded:
+      n = sub_batch["task"].shape[0]
+      loss, m = loss_fn(params, sub_batch, jax.random.fold_in(rng, task))
+      total, count = total + loss * n, count + n
+      metrics[f"loss/{tasks.NAMES[task]}"] = m[f"loss/{tasks.NAMES[task]}"]
+    return total / count, metrics
+
+  (loss, metrics), grads = jax.value_and_grad(total_loss, has_aux=True)(state.params)
+  updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
+  state = state.replace(
+    step=state.step + 1, params=optax.apply_updates(state.params, updates), opt_state=opt_state
+  )
+  metrics.update(loss=loss, grad_norm=optax.global_norm(grads))
+  return state, metrics
+
+
+def compile_train_step(models, config, optimizer, state_shardings, mesh):
+  """`train_step` jitted with explicit shardings; the state is donated."""
+  step = functools.partial(train_step, models, config, optimizer)
+  return jax.jit(
+    step,
+    in_shardings=(state_shardings, None, None, sharding.replicated(mesh)),
+    out_shardings=(state_shardings, sharding.replicated(mesh)),
+    donate_argnums=(0,),
+  )
+
+
+def device_batch(host_batch: dict[str, dict[str, np.ndarray]], mesh) -> dict:
+  """The step's inputs as global arrays, from this process's share of the batch."""
+  keys = {"segmentation": SEGMENTATION_KEYS, "generation": GENERATION_KEYS}
+  return {
+    task: sharding.global_batch({k: part[k] for k in keys[task]}, mesh)
+    for task, part in host_batch.items()
+  }
+
+
+def check_finite(step: int, metrics: dict[str, float]) -> None:
+  bad = {k: v for k, v in metrics.items() if not np.isfinite(v)}
+  if bad:
+    raise NonFiniteError(
+      f"step {step}: non-finite {bad}; stopping (the last checkpoint, saved before this step, "
+      "is intact)"
+    )
+
+
+def train(
+  config: ml_collections.ConfigDict, workdir: str, batches: Iterator[dict] | None = None
+) -> TrainState:
+  """Trains (or resumes) under `workdir` until `config.total_steps`; returns the final state.
+
+  `batches` defaults to the grain pipeline of `config.data`; it must support grain's
+  get_state/set_state so that a resumed run sees the same data.
+  """
+  from genmask_jax.data import pipeline
+
+  mesh = sharding.make_mesh(config.mesh)
+  rules = sharding.rules(config.get("sharding"))
+  models = Models.from_config(config)
+  optimizer = make_optimizer(config.optimizer)
+  schedule = learning_rate(config.optimizer)
+  if batches is None:
+    batches = iter(pipeline.train_dataset(config.data))
+
+  with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
+    abstract, shardings = abstract_train_state(models, config, optimizer, mesh, rules)
+    ckpt = checkpointing.TrainCheckpoints(
+      os.path.join(workdir, "checkpoints"),
+      keep=config.checkpoint.keep,
+      every=config.checkpoint.every,
+      async_save=config.checkpoint.async_save,
+    )
+    latest = ckpt.latest_step()
+    if latest is None:
+      state = initial_train_state(models, config, optimizer, mesh, rules)
+    else:
+      logging.info("resuming from step %d", latest)
+      state = ckpt.restore(latest, abstract, batches)
+    frozen_vae = frozen_vae_params(models, config, mesh, rules)
+    step_fn = compile_train_step(models, config, optimizer, shardings, mesh)
+    rng = jax.random.key(config.seed + 2)
+    samples_per_step = 2 * config.data.segmentation.batch_size * jax.process_count()
+    writer = MetricWriter(workdir, config.total_steps, samples_per_step, config.log_every)
+    try:
+      for step in range(int(state.step) + 1, config.total_steps + 1):
+        batch = device_batch(next(batches), mesh)
+        state, metrics = step_fn(state, frozen_vae, batch, rng)
+        metrics = {k: float(v) for k, v in jax.device_get(metrics).items()}
+        check_finite(step, metrics)
+        writer.write(step, dict(metrics, lr=float(schedule(step - 1))))
+        ckpt.save(step, state, batches, config, force=step == config.total_steps)
+    finally:
+      ckpt.wait()
+      ckpt.close()
+      writer.close()
+  return state

@@ -1,0 +1,166 @@
+"""The trainer on fake CPU devices: FSDP sharding, multi-process, exact resume after SIGKILL."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import jax
+import numpy as np
+import pytest
+from flax import linen as nn
+from train_config import get_config
+
+from genmask_jax import checkpointing, sharding, train
+from genmask_jax.genmask import Models
+from genmask_jax.optimizer import make_optimizer
+
+ENV = dict(os.environ, PYTHONPATH=".:tests", JAX_PLATFORMS="cpu")
+
+
+def cli(root, workdir, devices=8, *overrides):
+  env = dict(ENV, XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}")
+  command = [sys.executable, "-m", "genmask_jax.main", f"--config=tests/train_config.py:{root}"]
+  return command + [f"--workdir={workdir}", *overrides], env
+
+
+def run_cli(root, workdir, devices=8, *overrides):
+  command, env = cli(root, workdir, devices, *overrides)
+  result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=600)
+  assert result.returncode == 0, result.stderr[-3000:]
+  return result
+
+
+def losses(workdir) -> dict[int, float]:
+  """Per-step loss; a step run twice (before and after a restart) keeps its last value."""
+  with open(os.path.join(workdir, "metrics.jsonl")) as f:
+    return {r["step"]: r["loss"] for r in map(json.loads, f)}
+
+
+def final_params(workdir, config):
+  mesh = sharding.make_mesh(config.mesh)
+  models = Models.from_config(config)
+  boxed = jax.eval_shape(models.init_params, jax.random.key(0))
+  abstract, _ = sharding.abstract_with_shardings(boxed, mesh, sharding.rules())
+  ckpt = checkpointing.TrainCheckpoints(os.path.join(workdir, "checkpoints"), keep=1, every=1)
+  params = ckpt.restore_params(ckpt.latest_step(), abstract)
+  ckpt.close()
+  return jax.device_get(params)
+
+
+@pytest.fixture(scope="module")
+def root(tmp_path_factory):
+  return str(tmp_path_factory.mktemp("stores"))
+
+
+@pytest.fixture(scope="module")
+def sharded_run(root, tmp_path_factory):
+  """The reference: 8 fake devices, mesh (data=2, fsdp=4), 8 steps."""
+  workdir = str(tmp_path_factory.mktemp("sharded"))
+  run_cli(root, workdir, 8, "--config.mesh.data=2", "--config.mesh.fsdp=4")
+  return workdir
+
+
+def test_state_is_fsdp_sharded(root):
+  config = get_config(root)
+  config.mesh = dict(data=2, fsdp=4, tensor=1)
+  mesh, rules = sharding.make_mesh(config.mesh), sharding.rules()
+  models, optimizer = Models.from_config(config), make_optimizer(config.optimizer)
+  with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
+    state = train.initial_train_state(models, config, optimizer, mesh, rules)
+  adam = state.opt_state[1][0]
+  trees = {"params": state.params, "mu": adam.mu, "nu": adam.nu}
+  large = 0
+  for name, tree in trees.items():
+    for path, x in jax.tree_util.tree_leaves_with_path(tree):
+      if x.size >= 4096:
+        large += 1
+        shard = x.addressable_shards[0].data
+        assert shard.size * 4 == x.size, (name, jax.tree_util.keystr(path), x.sharding.spec)
+  assert large >= 30
+
+
+def test_sharded_losses_match_single_device(root, sharded_run, tmp_path):
+  single = str(tmp_path / "single")
+  run_cli(root, single, 1)
+  sharded, one = losses(sharded_run), losses(single)
+  assert sorted(sharded) == list(range(1, 9))
+  np.testing.assert_allclose(
+    [sharded[s] for s in sorted(one)], [one[s] for s in sorted(one)], atol=1e-5
+  )
+  assert one[8] < one[1]  # It learns.
+
+
+def test_two_processes_match_one(root, tmp_path):
+  """2 processes x 4 fake devices (jax.distributed on 127.0.0.1) == 1 process x 8 devices."""
+
+  def worker(workdir, n, i, port):
+    env = dict(ENV, XLA_FLAGS="--xla_force_host_platform_device_count=" + str(8 // n))
+    args = [
+      sys.executable,
+      "tests/multiprocess_worker.py",
+      root,
+      workdir,
+      str(n),
+      str(i),
+      str(port),
+    ]
+    return subprocess.Popen(
+      args, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True
+    )
+
+  port = 20000 + os.getpid() % 20000
+  pair = [worker(str(tmp_path / "two"), 2, i, port) for i in range(2)]
+  one = worker(str(tmp_path / "one"), 1, 0, 0)
+  for p in [*pair, one]:
+    _, err = p.communicate(timeout=600)
+    assert p.returncode == 0, err[-3000:]
+  two_losses, one_losses = losses(tmp_path / "two"), losses(tmp_path / "one")
+  assert sorted(two_losses) == [1, 2, 3, 4]  # Only process 0 logs: one line per step.
+  with open(tmp_path / "two" / "metrics.jsonl") as f:
+    assert len(f.readlines()) == 4
+  np.testing.assert_allclose(
+    [two_losses[s] for s in range(1, 5)], [one_losses[s] for s in range(1, 5)], atol=1e-5
+  )
+
+
+def test_resume_after_sigkill_is_exact(root, sharded_run, tmp_path):
+  """Kill -9 mid-run, restart the same command: same final parameters and the same data order."""
+  workdir = str(tmp_path / "killed")
+  command, env = cli(root, workdir, 8, "--config.mesh.data=2", "--config.mesh.fsdp=4")
+  process = subprocess.Popen(command, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+  checkpoints = os.path.join(workdir, "checkpoints")
+  deadline = time.time() + 600
+  while not (os.path.isdir(checkpoints) and {"2", "4"} <= set(os.listdir(checkpoints))):
+    assert process.poll() is None and time.time() < deadline, "run ended before the kill"
+    time.sleep(0.02)
+  process.send_signal(signal.SIGKILL)
+  process.wait()
+  assert process.returncode == -signal.SIGKILL
+  assert "8" not in os.listdir(checkpoints)  # Killed mid-run.
+
+  run_cli(root, workdir, 8, "--config.mesh.data=2", "--config.mesh.fsdp=4")
+  assert losses(workdir) == losses(sharded_run)  # Bitwise: the same batches in the same order.
+  config = get_config(root)
+  config.mesh = dict(data=2, fsdp=4, tensor=1)
+  resumed, straight = final_params(workdir, config), final_params(sharded_run, config)
+  jax.tree.map(np.testing.assert_array_equal, resumed, straight)
+
+
+def test_non_finite_loss_stops_and_keeps_last_checkpoint(root, tmp_path):
+  config = get_config(root)
+  config.optimizer.lr = 1e6  # Diverges within a few steps.
+  config.optimizer.grad_clip = 1e9
+  config.checkpoint.async_save = False
+  workdir = str(tmp_path / "nan")
+  with pytest.raises(train.NonFiniteError, match=r"step (\d+): non-finite") as error:
+    train.train(config, workdir)
+  bad_step = int(error.value.args[0].split()[1].rstrip(":"))
+  ckpt = checkpointing.TrainCheckpoints(os.path.join(workdir, "checkpoints"), keep=1, every=1)
+  assert ckpt.latest_step() < bad_step
+  ckpt.close()
+  config.mesh = dict(data=1, fsdp=-1, tensor=1)
+  params = final_params(workdir, config)
+  assert all(np.isfinite(x).all() for x in jax.tree.leaves(params))
