@@ -40,6 +40,10 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   config.data.segmentation.batch_size = 64  # Per process; 1024 in all on 8 hosts x 2 tasks.
   config.data.generation.batch_size = 64
 
+  # Evaluation (`--mode=eval`, and every `every_steps` training steps when > 0). A split:
+  # dict(name=, records=, features=, reasoning=False, breakdown="" or "is_sentence").
+  config.eval = dict(batch_size=8, every_steps=0, num_overlays=8, overlay_tile=256, splits=[])
+
   config.total_steps = 8000
   config.optimizer = dict(
     lr=5e-5,

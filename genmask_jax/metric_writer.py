@@ -55,6 +55,14 @@ class MetricWriter:
       self._last = (now, step)
       text = " ".join(f"{k}={v:.4g}" for k, v in sorted(scalars.items()))
       logging.info("step %d/%d %s%s", step, self.total_steps, text, eta)
+    self._record(step, scalars)
+
+  def write_eval(self, step: int, results: Mapping[str, Mapping[str, float]]) -> None:
+    """Evaluation results per split, as `eval/<split>/<metric>` scalars."""
+    if self.active:
+      self._record(step, {f"eval/{s}/{k}": v for s, r in results.items() for k, v in r.items()})
+
+  def _record(self, step: int, scalars: Mapping[str, float]) -> None:
     for name, value in scalars.items():
       self._tb.add_scalar(name, value, step)
     self._jsonl.write(json.dumps(dict(scalars, step=step)) + "\n")

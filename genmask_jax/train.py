@@ -21,7 +21,7 @@ import optax
 from absl import logging
 from flax import struct
 
-from genmask_jax import checkpointing, sharding, weights
+from genmask_jax import checkpointing, evaluate, sharding, weights
 from genmask_jax.diffusion import losses, tasks
 from genmask_jax.genmask import Models, frozen_vae_params
 from genmask_jax.masks import mask_to_image
@@ -212,6 +212,12 @@ def train(
         check_finite(step, metrics)
         writer.write(step, dict(metrics, lr=float(schedule(step - 1))))
         ckpt.save(step, state, batches, config, force=step == config.total_steps)
+        if config.eval.every_steps and step % config.eval.every_steps == 0:
+          out_dir = os.path.join(workdir, "eval", f"step_{step}")
+          results = evaluate.evaluate_params(
+            models, state.params, frozen_vae, config, mesh, out_dir
+          )
+          writer.write_eval(step, results)
     finally:
       ckpt.wait()
       ckpt.close()

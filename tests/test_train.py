@@ -126,6 +126,14 @@ def test_two_processes_match_one(root, tmp_path):
   )
 
 
+def test_eval_mode_scores_the_latest_checkpoint(root, sharded_run):
+  run_cli(root, sharded_run, 8, "--mode=eval", "--config.mesh.data=2", "--config.mesh.fsdp=4")
+  with open(os.path.join(sharded_run, "eval", "results.json")) as f:
+    results = json.load(f)["synthetic_train"]
+  assert results["samples"] == 32 and 0 <= results["gIoU"] <= 1
+  assert os.path.exists(os.path.join(sharded_run, "eval", "synthetic_train_overlays.png"))
+
+
 def test_resume_after_sigkill_is_exact(root, sharded_run, tmp_path):
   """Kill -9 mid-run, restart the same command: same final parameters and the same data order."""
   workdir = str(tmp_path / "killed")

@@ -17,6 +17,8 @@ def get_config(root: str) -> ml_collections.ConfigDict:
     data[task].sources = [stores[task]]
     data[task].resolution = IMAGE_SIZE
     data[task].batch_size = 8
+  config.eval.splits = [dict(name="synthetic_train", **stores["segmentation"])]
+  config.eval.num_overlays = 2
   config.total_steps = 8
   config.optimizer.warmup_steps = 2
   config.optimizer.lr = 1e-3
