@@ -12,7 +12,7 @@ from __future__ import annotations
 from absl import app, flags
 from ml_collections import config_flags
 
-from genmask_jax import distributed
+from genmask_jax import distributed, log_filter
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Config file.", lock_config=True)
 _WORKDIR = flags.DEFINE_string("workdir", None, "Checkpoints, logs and results.", required=True)
@@ -24,6 +24,7 @@ _PROCESS_ID = flags.DEFINE_integer("process_id", None, "This process's index.")
 
 def main(argv: list[str]) -> None:
   del argv
+  log_filter.quiet_library_logs()
   distributed.initialize(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value)
   if _MODE.value == "train":
     from genmask_jax import train

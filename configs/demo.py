@@ -1,0 +1,48 @@
+"""The CPU demo: the whole GenMask recipe at toy scale on the synthetic shapes set.
+
+Used by `python -m launch.demo`; every field can be overridden with --config.x=y. The DiT and
+the VAE are small and trained from scratch here (no pretrained weights can be downloaded); the
+recipe is the paper's: segmentation and generation mixed 1:1, the s = 0.05 segmentation
+sampler, MSE in latent space, condition tokens from the image latent, CFG text dropout.
+"""
+
+from __future__ import annotations
+
+import ml_collections
+
+from configs.genmask import get_config as genmask_config
+
+
+def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
+  del arg
+  config = genmask_config("small")
+  config.dit.update(dim=128, ffn_dim=384, num_heads=2, num_layers=4, text_dim=64)
+  config.vae.base_dim = 8
+
+  config.data.encoder_model_id = "tiny_qwen"  # The tiny random Qwen2.5-VL the demo builds.
+  config.data.text_len = 80
+  config.data.num_threads = 4
+  for task in ("segmentation", "generation"):
+    config.data[task].resolution = 64
+    config.data[task].batch_size = 16
+
+  config.total_steps = 1500
+  config.optimizer.update(lr=5e-4, min_lr=5e-5, warmup_steps=100)
+  config.mesh = dict(data=1, fsdp=-1, tensor=1)
+  config.checkpoint = dict(every=250, keep=2, async_save=True)
+  config.log_every = 100
+  config.eval.update(batch_size=32, num_overlays=12, overlay_tile=128)
+  config.generate.update(num_steps=25, shift=3.0, guidance_scale=3.0)
+
+  # The demo's own stages (launch/demo.py).
+  config.demo = dict(
+    num_train=3000,
+    num_gen=3000,
+    num_heldout=256,
+    num_generate=8,  # Images generated from held-out captions.
+    image_size=64,
+    vae_steps=400,
+    vae_batch_size=16,
+    vae_lr=2e-3,
+  )
+  return config
