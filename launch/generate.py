@@ -1,0 +1,93 @@
+r"""Generates images from captions with a trained GenMask model; writes them as one grid PNG.
+
+  python -m launch.generate --config=configs/genmask.py --workdir=runs/genmask \
+      --vlm=Qwen2.5-VL-7B-Instruct --prompt="a red bus on a bridge" --prompt="two cats" \
+      --steps=50 --shift=5 --guidance=5 --seed=0 --resolution=512 --out=generated.png
+
+Captions come from --prompt and from the generation samples --sample_id of --records; they are
+encoded by the VLM in-process (--vlm, the caption alone as in launch/precompute_vlm.py) or read
+from the store's feature store (--features). Euler sampling with classifier-free guidance;
+--steps, --shift and --guidance default to config.generate. The grid holds the images in
+order, --columns per row. The same queries, seed and batch size give the same images.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+
+import jax
+import numpy as np
+from absl import app, flags
+from PIL import Image
+
+from genmask_jax import inference
+from launch import queries
+
+_PROMPT = flags.DEFINE_multi_string("prompt", [], "A caption; repeatable.")
+_STEPS = flags.DEFINE_integer("steps", None, "Euler steps; default config.generate.num_steps.")
+_SHIFT = flags.DEFINE_float("shift", None, "Schedule shift; default config.generate.shift.")
+_GUIDANCE = flags.DEFINE_float(
+  "guidance", None, "Guidance scale; default config.generate.guidance_scale."
+)
+_SEED = flags.DEFINE_integer("seed", 0, "Seed of the initial noise.")
+_RESOLUTION = flags.DEFINE_integer(
+  "resolution", None, "Image side, a multiple of 16; default config.data.generation.resolution."
+)
+_COLUMNS = flags.DEFINE_integer("columns", 4, "Images per grid row.")
+_OUT = flags.DEFINE_string("out", None, "Output PNG file.", required=True)
+
+
+def grid(images: np.ndarray, columns: int) -> np.ndarray:
+  """(N, R, R, 3) uint8 -> one (rows R, min(N, columns) R, 3) image, black where none is left."""
+  n, side = images.shape[:2]
+  columns = min(n, columns)
+  rows = math.ceil(n / columns)
+  padded = np.zeros((rows * columns, *images.shape[1:]), np.uint8)
+  padded[:n] = images
+  tiles = padded.reshape(rows, columns, side, side, 3)
+  return tiles.transpose(0, 2, 1, 3, 4).reshape(rows * side, columns * side, 3)
+
+
+def main(argv: list[str]) -> None:
+  del argv
+  config = queries.CONFIG.value
+  resolution = _RESOLUTION.value or config.data.generation.resolution
+  if resolution % 16:
+    raise app.UsageError(f"--resolution {resolution} is not a multiple of 16 (VAE x DiT patch)")
+  if _COLUMNS.value < 1:
+    raise app.UsageError(f"--columns must be positive, got {_COLUMNS.value}")
+  if _STEPS.value is not None:
+    config.generate.num_steps = _STEPS.value
+  if _SHIFT.value is not None:
+    config.generate.shift = _SHIFT.value
+  guidance = config.generate.guidance_scale if _GUIDANCE.value is None else _GUIDANCE.value
+
+  samples = [queries.generation_record(i, p) for i, p in enumerate(_PROMPT.value)]
+  samples += queries.store_records("generation")
+  hidden = queries.text_features(samples, config)
+  examples = queries.examples(samples, hidden, resolution, config.data)
+  images = []
+  with queries.trained_model(config) as model:
+    generate = inference.generator(model.models, config, resolution)
+    rng = jax.random.key(_SEED.value)
+    for i, (batch, real) in enumerate(queries.batches(examples, ("text", "text_mask"), model.mesh)):
+      generated = generate(
+        model.params,
+        model.vae_params,
+        jax.random.fold_in(rng, i),
+        batch["text"],
+        batch["text_mask"],
+        guidance,
+      )
+      images.extend(np.asarray(generated)[:real])
+  pixels = ((np.stack(images) + 1) * 127.5).clip(0, 255).round().astype(np.uint8)
+  os.makedirs(os.path.dirname(_OUT.value) or ".", exist_ok=True)
+  Image.fromarray(grid(pixels, _COLUMNS.value)).save(_OUT.value)
+  for sample in samples:
+    print(f"{sample['id']}: {sample['text']!r}")
+  print(f"wrote {_OUT.value}")
+
+
+if __name__ == "__main__":
+  app.run(main)
