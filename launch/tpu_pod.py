@@ -229,9 +229,9 @@ def parse_flags(argv: Sequence[str] | None = None) -> argparse.Namespace:
   add("--repo", help="Git URL the workers clone instead of an upload.")
   add("--ref", help="Branch, tag or commit of --repo to check out.")
   add(
-      "--requirements",
-      default="requirements-train.txt",
-      help="Requirements file in the checkout (the training side only: no PyTorch).",
+    "--requirements",
+    default="requirements-train.txt",
+    help="Requirements file in the checkout (the training side only: no PyTorch).",
   )
   add("--python_version", default="3.11", help="Python of the workers' virtual environment.")
   add("--config", default="configs/genmask.py", help="Config file, relative to the checkout.")

@@ -318,7 +318,9 @@ def test_jit_bf16_runs_close_to_fp32(converted):
   assert 0 < rel < 0.1
 
 
-@pytest.mark.parametrize("policy", ["full", "dots", "dots_no_batch"])
+@pytest.mark.parametrize(
+  "policy", ["full", "dots", "dots_no_batch", "save_attention", "save_attention_ffn"]
+)
 def test_remat_policies_same_loss_and_grads(converted, policy):
   cfg, _, _ = setup()
   x, context = inputs(np.random.default_rng(5), 2, 1, 4, 4)

@@ -1,20 +1,47 @@
 """Multi-head attention behind one function; the kernel is chosen by name (config).
 
-All implementations take q (B, Lq, H, D), k and v (B, Lk, H, D) and an optional key mask
-(B, Lk) (True = attend) and return (B, Lq, H, D) in v's dtype.
+All implementations take q (B, Lq, H, D), k and v (B, Lk, H, D), an optional key mask
+(B, Lk) (True = attend) and splash's tile sizes, and return (B, Lq, H, D) in v's dtype. A query
+whose keys are all masked averages all Lk values uniformly, as a softmax over equal logits does.
+The output is tagged `CHECKPOINT_NAME` for name-based rematerialization policies.
 """
 
 from __future__ import annotations
 
 import functools
-from collections.abc import Callable
+import math
+from collections.abc import Callable, Mapping
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
+from jax.ad_checkpoint import checkpoint_name
+from jax.experimental.pallas.ops.tpu import splash_attention as splash
+
+CHECKPOINT_NAME = "attention_out"
+
+# Pallas splash attention tiles (fields of `splash.BlockSizes`); tiles longer than a sequence
+# shrink to it, rounded up to whole 128-lane vregs.
+SPLASH_BLOCK_SIZES = dict(
+  block_q=512,
+  block_kv=512,
+  block_kv_compute=512,
+  block_q_dkv=512,
+  block_kv_dkv=512,
+  block_kv_dkv_compute=512,
+  block_q_dq=512,
+  block_kv_dq=512,
+)
+_LANES = 128
+# Logical axes of q / k / v and of the key mask (see genmask_jax.sharding).
+_QKV_AXES = ("activation_batch", "activation_length", "activation_heads", None)
+_KV_AXES = ("activation_batch", None, "activation_heads", None)
+_MASK_AXES = ("activation_batch", None)
 
 
-def _xla(q: jax.Array, k: jax.Array, v: jax.Array, key_mask: jax.Array | None) -> jax.Array:
+def _xla(q, k, v, key_mask, block_sizes) -> jax.Array:
   """Reference kernel: fp32 logits and softmax, probabilities cast back to v's dtype."""
+  del block_sizes  # XLA tiles on its own.
   scale = q.shape[-1] ** -0.5
   logits = jnp.einsum("bqhd,bkhd->bhqk", q, k, preferred_element_type=jnp.float32) * scale
   if key_mask is not None:
@@ -23,24 +50,91 @@ def _xla(q: jax.Array, k: jax.Array, v: jax.Array, key_mask: jax.Array | None) -
   return jnp.einsum("bhqk,bkhd->bqhd", probs, v)
 
 
-def _jax_nn(
-  q: jax.Array,
-  k: jax.Array,
-  v: jax.Array,
-  key_mask: jax.Array | None,
-  *,
-  implementation: str | None,
-) -> jax.Array:
+def _jax_nn(q, k, v, key_mask, block_sizes, *, implementation: str | None) -> jax.Array:
   """`jax.nn.dot_product_attention`; implementation="cudnn" is the fused flash kernel on GPU."""
+  del block_sizes  # The kernel tiles on its own.
   mask = None if key_mask is None else key_mask[:, None, None, :]
   return jax.nn.dot_product_attention(q, k, v, mask=mask, implementation=implementation)
 
 
-# Pallas splash attention for TPU registers here under "splash".
+def _round_up(n: int, multiple: int) -> int:
+  return -(-n // multiple) * multiple
+
+
+def splash_tiles(block_sizes: Mapping[str, int | bool | None], lq: int, lk: int) -> dict:
+  """`block_sizes` with each q tile at most `lq` and each kv tile at most `lk`, lane-rounded."""
+  limits = {"block_q": _round_up(lq, _LANES), "block_kv": _round_up(lk, _LANES)}
+
+  def fit(name, size):
+    if not name.startswith("block_") or size is None:
+      return size
+    return min(size, limits["block_q" if name.startswith("block_q") else "block_kv"])
+
+  return {name: fit(name, size) for name, size in block_sizes.items()}
+
+
+def _padded_length(length: int, tiles: dict, prefix: str) -> int:
+  """`length` rounded up to a whole number of every tile whose name starts with `prefix`."""
+  sizes = [s for name, s in tiles.items() if name.startswith(prefix) and s is not None]
+  return _round_up(length, math.lcm(*sizes))
+
+
+def _heads_first(x: jax.Array, length: int) -> jax.Array:
+  """(B, L, H, D) -> (B, H, length, D), zero-padded along L."""
+  return jnp.pad(x, ((0, 0), (0, length - x.shape[1]), (0, 0), (0, 0))).swapaxes(1, 2)
+
+
+def _splash_shard(q, k, v, key_mask, block_sizes) -> jax.Array:
+  """Splash attention on one shard: sequences padded to whole tiles, padded keys masked
+  through segment ids, padded queries dropped."""
+  (lq, heads, head_dim), lk = q.shape[1:], k.shape[1]
+  tiles = splash_tiles(block_sizes, lq, lk)
+  lq_pad, lk_pad = _padded_length(lq, tiles, "block_q"), _padded_length(lk, tiles, "block_kv")
+  kernel = splash.make_splash_mha(
+    splash.MultiHeadMask([splash.FullMask((lq_pad, lk_pad))] * heads),
+    block_sizes=splash.BlockSizes(**tiles),
+    head_shards=1,
+    q_seq_shards=1,
+    residual_checkpoint_name=CHECKPOINT_NAME,
+    interpret=jax.default_backend() == "cpu",  # Pallas TPU kernels run interpreted on CPU.
+  )
+  query_ids = jnp.ones((lq_pad,), jnp.int32)
+  key_ids = jnp.pad(key_mask, ((0, 0), (0, lk_pad - lk))).astype(jnp.int32)
+  one = lambda q, k, v, ids: kernel(q, k, v, segment_ids=splash.SegmentIds(query_ids, ids))
+  # The kernel takes (H, L, D) per example and leaves the logits unscaled.
+  q_scaled = q * head_dim**-0.5
+  out = jax.vmap(one)(
+    _heads_first(q_scaled, lq_pad), _heads_first(k, lk_pad), _heads_first(v, lk_pad), key_ids
+  )
+  out = out.swapaxes(1, 2)[:, :lq].astype(v.dtype)
+  # Splash would average the padded keys too; the reference averages the Lk real ones.
+  uniform = jnp.mean(v, axis=1, keepdims=True, dtype=jnp.float32).astype(v.dtype)
+  return jnp.where(jnp.any(key_mask, axis=1)[:, None, None, None], out, uniform)
+
+
+def _splash(q, k, v, key_mask, block_sizes) -> jax.Array:
+  """Pallas splash attention (TPU), run per batch / head shard of the mesh in context."""
+  if key_mask is None:
+    key_mask = jnp.ones(k.shape[:2], bool)
+  run = functools.partial(_splash_shard, block_sizes=block_sizes or SPLASH_BLOCK_SIZES)
+  mesh = jax.sharding.get_abstract_mesh()
+  if mesh.empty:
+    return run(q, k, v, key_mask)
+  # A Pallas call cannot be partitioned by XLA: map it over the shards explicitly.
+  q_spec, kv_spec, mask_spec = map(nn.logical_to_mesh_axes, (_QKV_AXES, _KV_AXES, _MASK_AXES))
+  return jax.shard_map(
+    run,
+    in_specs=(q_spec, kv_spec, kv_spec, mask_spec),
+    out_specs=q_spec,
+    check_vma=False,
+  )(q, k, v, key_mask)
+
+
 IMPLEMENTATIONS: dict[str, Callable[..., jax.Array]] = {
   "xla": _xla,
   "cudnn": functools.partial(_jax_nn, implementation="cudnn"),
   "jax_xla": functools.partial(_jax_nn, implementation="xla"),
+  "splash": _splash,
 }
 
 
@@ -51,10 +145,15 @@ def dot_product_attention(
   key_mask: jax.Array | None = None,
   *,
   impl: str = "xla",
+  block_sizes: Mapping[str, int | bool] | None = None,
 ) -> jax.Array:
-  """Softmax attention with scale 1/sqrt(head_dim), using the kernel named `impl`."""
+  """Softmax attention with scale 1/sqrt(head_dim), using the kernel named `impl`.
+
+  block_sizes: splash's tiles (fields of `splash.BlockSizes`; None: `SPLASH_BLOCK_SIZES`);
+  the other kernels choose their own.
+  """
   if impl not in IMPLEMENTATIONS:
     raise ValueError(
       f"unknown attention implementation {impl!r}; available: {sorted(IMPLEMENTATIONS)}"
     )
-  return IMPLEMENTATIONS[impl](q, k, v, key_mask)
+  return checkpoint_name(IMPLEMENTATIONS[impl](q, k, v, key_mask, block_sizes), CHECKPOINT_NAME)

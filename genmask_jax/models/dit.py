@@ -10,12 +10,13 @@ from __future__ import annotations
 
 import functools
 import math
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.ad_checkpoint import checkpoint_name
 
 from genmask_jax.models import attention, rope
 from genmask_jax.models.timestep_embedding import sinusoidal_embedding
@@ -23,10 +24,17 @@ from genmask_jax.models.timestep_embedding import sinusoidal_embedding
 f32 = jnp.float32
 gelu_tanh = functools.partial(jax.nn.gelu, approximate=True)
 
+# Block activations tagged with `checkpoint_name`, kept by the name-based policies below.
+QKV, FFN_HIDDEN = "attention_qkv", "ffn_hidden"
+_save = jax.checkpoint_policies.save_only_these_names
 REMAT_POLICIES = {
   "full": jax.checkpoint_policies.nothing_saveable,
   "dots": jax.checkpoint_policies.dots_saveable,
   "dots_no_batch": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+  # Keep q / k / v and the attention output; recompute the rest of the block.
+  "save_attention": _save(QKV, attention.CHECKPOINT_NAME),
+  # Also keep the FFN hidden layer, the largest activation (L x ffn_dim).
+  "save_attention_ffn": _save(QKV, attention.CHECKPOINT_NAME, FFN_HIDDEN),
 }
 
 
@@ -85,6 +93,7 @@ class Attention(nn.Module):
   eps: float
   dtype: jnp.dtype
   impl: str
+  block_sizes: Mapping[str, int | bool] | None
 
   @nn.compact
   def __call__(
@@ -109,8 +118,13 @@ class Attention(nn.Module):
     if rope_tables is not None:
       q, k = rope.apply(q, *rope_tables), rope.apply(k, *rope_tables)
     names = ("activation_batch", "activation_length", "activation_heads", None)
-    q, k, v = (nn.with_logical_constraint(y.astype(self.dtype), names) for y in (q, k, v))
-    out = attention.dot_product_attention(q, k, v, key_mask, impl=self.impl)
+    q, k, v = (
+      checkpoint_name(nn.with_logical_constraint(y.astype(self.dtype), names), QKV)
+      for y in (q, k, v)
+    )
+    out = attention.dot_product_attention(
+      q, k, v, key_mask, impl=self.impl, block_sizes=self.block_sizes
+    )
     return dense(self.dim, ("heads", "embed"), self.dtype, "o")(out.reshape(*x.shape[:2], self.dim))
 
 
@@ -123,6 +137,7 @@ class Block(nn.Module):
   eps: float
   dtype: jnp.dtype
   attention: str
+  attention_block_sizes: Mapping[str, int | bool] | None
 
   @nn.compact
   def __call__(self, x, modulation_t, slot, context, context_mask, rope_tables):
@@ -136,7 +151,13 @@ class Block(nn.Module):
     e = per_token(modulation + modulation_t, slot)
     shift_sa, scale_sa, gate_sa, shift_ff, scale_ff, gate_ff = (e[:, :, i] for i in range(6))
     attn = functools.partial(
-      Attention, self.dim, self.num_heads, self.eps, self.dtype, self.attention
+      Attention,
+      self.dim,
+      self.num_heads,
+      self.eps,
+      self.dtype,
+      self.attention,
+      self.attention_block_sizes,
     )
 
     h = (layer_norm(x, self.eps) * (1 + scale_sa) + shift_sa).astype(self.dtype)
@@ -153,7 +174,8 @@ class Block(nn.Module):
     x = x + attn(name="cross_attn")(h.astype(self.dtype), context, None, context_mask)
 
     h = (layer_norm(x, self.eps) * (1 + scale_ff) + shift_ff).astype(self.dtype)
-    h = gelu_tanh(dense(self.ffn_dim, ("embed", "mlp"), self.dtype, "ffn_in")(h))
+    h = checkpoint_name(dense(self.ffn_dim, ("embed", "mlp"), self.dtype, "ffn_in")(h), FFN_HIDDEN)
+    h = gelu_tanh(h)
     x = x + dense(self.dim, ("mlp", "embed"), self.dtype, "ffn_out")(h) * gate_ff
     x = nn.with_logical_constraint(x, ("activation_batch", "activation_length", "activation_embed"))
     return x, None
@@ -176,6 +198,7 @@ class WanDiT(nn.Module):
   cond_frame_start: int = -1
   dtype: str = "float32"
   attention: str = "xla"
+  attention_block_sizes: Mapping[str, int | bool] | None = None  # Splash tiles; None: defaults.
   remat_policy: str = "none"
 
   def _blocks(self) -> nn.Module:
@@ -201,6 +224,7 @@ class WanDiT(nn.Module):
       self.eps,
       jnp.dtype(self.dtype),
       self.attention,
+      self.attention_block_sizes,
       name="blocks",
     )
 
@@ -255,11 +279,16 @@ class WanDiT(nn.Module):
       h.astype(f32), ("activation_batch", "activation_length", "activation_embed")
     )
 
-    # Time embedding per slot, in fp32: e feeds the head, e0 the blocks' modulation.
+    # Time embedding per slot, in fp32: e feeds the head, e0 the blocks' modulation. Batch-sharded
+    # like every activation: left free, the partitioner shards them over embed and then has to
+    # move their gradients between the two layouts by full replication.
+    per_slot = lambda y: nn.with_logical_constraint(
+      y, ("activation_batch", "activation_length", "activation_embed")
+    )
     e = sinusoidal_embedding(t_slots, self.freq_dim)
-    e = dense(self.dim, ("freq", "embed"), f32, "time_embedding_1")(e)
-    e = dense(self.dim, ("mlp", "embed"), f32, "time_embedding_2")(jax.nn.silu(e))
-    e0 = dense(6 * self.dim, ("embed", "mlp"), f32, "time_projection")(jax.nn.silu(e))
+    e = per_slot(dense(self.dim, ("freq", "embed"), f32, "time_embedding_1")(e))
+    e = per_slot(dense(self.dim, ("mlp", "embed"), f32, "time_embedding_2")(jax.nn.silu(e)))
+    e0 = per_slot(dense(6 * self.dim, ("embed", "mlp"), f32, "time_projection")(jax.nn.silu(e)))
     e0 = e0.reshape(*e0.shape[:2], 6, self.dim)
 
     c = dense(self.dim, ("text_embed", "embed"), dtype, "text_embedding_1")(context.astype(dtype))
