@@ -17,6 +17,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   del arg
   config = genmask_config("small")
   config.dit.update(dim=128, ffn_dim=384, num_heads=2, num_layers=4, text_dim=64)
+  config.dit.use_text_mask = True  # Attend to real text tokens only.
   config.vae.base_dim = 8
 
   config.data.encoder_model_id = "tiny_qwen"  # The tiny random Qwen2.5-VL the demo builds.
@@ -27,7 +28,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     config.data[task].batch_size = 16
 
   config.total_steps = 1500
-  config.optimizer.update(lr=1e-3, min_lr=5e-5, warmup_steps=100)
+  config.optimizer.update(lr=2e-3, min_lr=1e-4, warmup_steps=100)
   config.mesh = dict(data=1, fsdp=-1, tensor=1)
   config.checkpoint = dict(every=250, keep=2, async_save=True)
   config.log_every = 100

@@ -23,20 +23,19 @@ def restore_params(config: ml_collections.ConfigDict, workdir: str, models: Mode
   boxed = jax.eval_shape(models.init_params, jax.random.key(0))
   abstract, _ = sharding.abstract_with_shardings(boxed, mesh, rules)
   directory = os.path.join(workdir, "checkpoints")
-  step = None
+  params = None
   if os.path.isdir(directory):
     ckpt = checkpointing.TrainCheckpoints(directory, keep=1, every=1, async_save=False)
-    step = ckpt.latest_step()
-  if step is not None:
-    params = ckpt.restore_params(step, abstract)
+    if ckpt.latest_step() is not None:
+      params = ckpt.restore_params(ckpt.latest_step(), abstract)
     ckpt.close()
-  elif config.init.weights and models.mask_head is None:
+  if params is None:
+    if not config.init.weights or models.mask_head is not None:
+      raise FileNotFoundError(
+        f"no training checkpoint under {directory} and no converted weights "
+        "(config.init.weights) to run the model with"
+      )
     params = {"dit": weights.restore(config.init.weights, "dit", abstract["dit"])}
-  else:
-    raise FileNotFoundError(
-      f"no training checkpoint under {directory} and no converted weights "
-      "(config.init.weights) to run the model with"
-    )
   return params, frozen_vae_params(models, config, mesh, rules)
 
 

@@ -202,7 +202,8 @@ def train(
     frozen_vae = frozen_vae_params(models, config, mesh, rules)
     step_fn = compile_train_step(models, config, optimizer, shardings, mesh)
     rng = jax.random.key(config.seed + 2)
-    samples_per_step = 2 * config.data.segmentation.batch_size * jax.process_count()
+    tasks = 1 + bool(config.data.generation.sources)
+    samples_per_step = tasks * config.data.segmentation.batch_size * jax.process_count()
     writer = MetricWriter(workdir, config.total_steps, samples_per_step, config.log_every)
     try:
       for step in range(int(state.step) + 1, config.total_steps + 1):

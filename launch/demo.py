@@ -167,11 +167,9 @@ def generate_images(config, models, params, vae_params, captions_dir, features_d
   return [reader[i]["text"] for i in range(len(reader))]
 
 
-def main(argv: list[str]) -> None:
-  del argv
-  log_filter.quiet_library_logs()
-  config, workdir = _CONFIG.value, os.path.abspath(_WORKDIR.value)
-  start = time.time()
+def prepare(config, workdir: str) -> dict[str, dict[str, str]]:
+  """Stages 1-3 (data, VLM features, the frozen VAE); points `config` at their outputs and
+  returns the sample / feature stores by split."""
   data_dir, features_dir = os.path.join(workdir, "data"), os.path.join(workdir, "features")
   make_data(config.demo, data_dir)
   splits = ("train", "heldout", "gen", "gen_heldout")
@@ -180,7 +178,6 @@ def main(argv: list[str]) -> None:
     s: {"records": os.path.join(data_dir, s), "features": os.path.join(features_dir, s)}
     for s in splits
   }
-
   vae_dir = os.path.join(workdir, "vae")
   statistics = make_vae(config, vae_dir, store["train"]["records"])
   with config.unlocked():
@@ -190,6 +187,15 @@ def main(argv: list[str]) -> None:
     config.data.segmentation.sources = [store["train"]]
     config.data.generation.sources = [store["gen"]]
     config.eval.splits = [dict(name="heldout", **store["heldout"])]
+  return store
+
+
+def main(argv: list[str]) -> None:
+  del argv
+  log_filter.quiet_library_logs()
+  config, workdir = _CONFIG.value, os.path.abspath(_WORKDIR.value)
+  start = time.time()
+  store = prepare(config, workdir)
 
   run_dir = os.path.join(workdir, "genmask")
   train.train(config, run_dir)

@@ -204,8 +204,8 @@ def _preprocessor(cfg: ml_collections.ConfigDict, resolution: int):
   )
 
 
-def _by_task(pair: Sequence[dict]) -> dict:
-  return dict(zip(records.TASKS, pair, strict=True))
+def _by_task(parts: Sequence[dict], tasks: Sequence[str]) -> dict:
+  return dict(zip(tasks, parts, strict=True))
 
 
 def _finish(ds: grain.MapDataset, cfg, batch_size: int) -> grain.IterDataset:
@@ -220,12 +220,18 @@ def _finish(ds: grain.MapDataset, cfg, batch_size: int) -> grain.IterDataset:
 def train_dataset(
   cfg: ml_collections.ConfigDict, shard: grain.sharding.ShardOptions | None = None
 ) -> grain.IterDataset:
-  """Endless steps of {"segmentation": batch, "generation": batch}; iterate with iter()."""
+  """Endless steps of {"segmentation": batch, "generation": batch}; iterate with iter().
+
+  With no generation sources the steps hold segmentation only (the paper's "without
+  generation data" ablation).
+  """
   shard = shard or grain.sharding.ShardByJaxProcess()
-  if cfg.segmentation.batch_size != cfg.generation.batch_size:
+  tasks = [t for t in records.TASKS if t == "segmentation" or cfg[t].sources]
+  if len(tasks) == 2 and cfg.segmentation.batch_size != cfg.generation.batch_size:
     raise ValueError("config: segmentation and generation are mixed 1:1, batch sizes must agree")
-  pairs = ZipMapDataset([_task_examples(cfg, t, shard) for t in records.TASKS]).map(_by_task)
-  return _finish(pairs, cfg, cfg.segmentation.batch_size)
+  examples = [_task_examples(cfg, t, shard) for t in tasks]
+  steps = ZipMapDataset(examples).map(functools.partial(_by_task, tasks=tasks))
+  return _finish(steps, cfg, cfg.segmentation.batch_size)
 
 
 def eval_dataset(
