@@ -12,46 +12,25 @@ from __future__ import annotations
 import argparse
 import os
 import tempfile
-import time
 
 import jax
 import numpy as np
 import torch
 
+from benchmarks.timing import median_seconds
 from configs.models import wan_dit
-from genmask_jax.conversion.dit import convert_dit_file
+from genmask_jax.conversion.dit import convert_dit_file, diffusers_kwargs
 from genmask_jax.models.dit import WanDiT
 
 
 def reference_model(cfg):
   import diffusers
 
-  model = diffusers.WanTransformer3DModel(
-    patch_size=tuple(cfg.patch_size),
-    num_attention_heads=cfg.num_heads,
-    attention_head_dim=cfg.dim // cfg.num_heads,
-    in_channels=cfg.in_dim,
-    out_channels=cfg.out_dim,
-    text_dim=cfg.text_dim,
-    freq_dim=cfg.freq_dim,
-    ffn_dim=cfg.ffn_dim,
-    num_layers=cfg.num_layers,
-    eps=cfg.eps,
-  )
+  model = diffusers.WanTransformer3DModel(**diffusers_kwargs(cfg))
   with torch.no_grad():
     for p in model.parameters():
       p.normal_(0, 0.02 if p.ndim > 1 else 0.1)
   return model.eval()
-
-
-def timed(fn, repeats: int) -> float:
-  fn()  # Warm-up (and compilation).
-  times = []
-  for _ in range(repeats):
-    start = time.perf_counter()
-    fn()
-    times.append(time.perf_counter() - start)
-  return float(np.median(times))
 
 
 def main() -> None:
@@ -96,7 +75,7 @@ def main() -> None:
       )[0]
 
   diff = np.abs(np.asarray(ours()) - theirs().numpy().transpose(0, 2, 3, 4, 1)[:, :1]).max()
-  t_ours, t_theirs = timed(ours, args.repeats), timed(theirs, args.repeats)
+  t_ours, t_theirs = median_seconds(ours, args.repeats), median_seconds(theirs, args.repeats)
   print(f"device: {jax.devices()[0].device_kind}, torch threads {torch.get_num_threads()}")
   print(
     f"DiT {args.size}: {cfg.num_layers} layers, dim {cfg.dim}, "

@@ -13,25 +13,15 @@ import argparse
 import functools
 import os
 import tempfile
-import time
 
 import jax
 import numpy as np
 import torch
 
+from benchmarks.timing import median_seconds
 from configs.models import wan_vae
 from genmask_jax.conversion.vae import convert_vae_file
 from genmask_jax.models.vae import LATENTS_MEAN, LATENTS_STD, WanVAE
-
-
-def timed(fn, repeats: int) -> float:
-  fn()  # Warm-up (and compilation).
-  times = []
-  for _ in range(repeats):
-    start = time.perf_counter()
-    fn()
-    times.append(time.perf_counter() - start)
-  return float(np.median(times))
 
 
 def main() -> None:
@@ -78,8 +68,14 @@ def main() -> None:
   ours_encode = lambda: encode(variables, images).block_until_ready()
   ours_decode = lambda: decode(variables, latents).block_until_ready()
   times = {
-    "encode": (timed(ours_encode, args.repeats), timed(theirs_encode, args.repeats)),
-    "decode": (timed(ours_decode, args.repeats), timed(theirs_decode, args.repeats)),
+    "encode": (
+      median_seconds(ours_encode, args.repeats),
+      median_seconds(theirs_encode, args.repeats),
+    ),
+    "decode": (
+      median_seconds(ours_decode, args.repeats),
+      median_seconds(theirs_decode, args.repeats),
+    ),
   }
   print(f"device: {jax.devices()[0].device_kind}, torch threads {torch.get_num_threads()}")
   print(f"WAN VAE base_dim {args.base_dim}, batch {args.batch} x {args.size}x{args.size}, fp32")

@@ -204,7 +204,7 @@ def main(argv: list[str]) -> None:
   models = Models.from_config(config)
   with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
     params, vae_params = inference.restore_params(config, run_dir, models, mesh, rules)
-    untrained = sharding.strip_axis_names(models.init_params(jax.random.key(config.seed)))
+    untrained = sharding.strip_axis_names(jax.jit(models.init_params)(jax.random.key(config.seed)))
     at_init = evaluate.evaluate_params(
       models, untrained, vae_params, config, mesh, os.path.join(workdir, "eval_init")
     )

@@ -17,6 +17,7 @@ from configs.models import wan_dit
 from genmask_jax.conversion.dit import (
   _DIFFUSERS_TO_ORIGINAL,
   convert_dit_file,
+  diffusers_kwargs,
   diffusers_to_original_name,
 )
 from genmask_jax.conversion.tensor_files import CheckpointError
@@ -26,19 +27,7 @@ TOL = 1e-4
 
 
 def reference_model(cfg, seed=0):
-  model = diffusers.WanTransformer3DModel(
-    patch_size=tuple(cfg.patch_size),
-    num_attention_heads=cfg.num_heads,
-    attention_head_dim=cfg.dim // cfg.num_heads,
-    in_channels=cfg.in_dim,
-    out_channels=cfg.out_dim,
-    text_dim=cfg.text_dim,
-    freq_dim=cfg.freq_dim,
-    ffn_dim=cfg.ffn_dim,
-    num_layers=cfg.num_layers,
-    eps=cfg.eps,
-    rope_max_seq_len=64,
-  )
+  model = diffusers.WanTransformer3DModel(**diffusers_kwargs(cfg), rope_max_seq_len=64)
   return randomize_(model, seed).eval()
 
 

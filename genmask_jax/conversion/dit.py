@@ -48,6 +48,23 @@ def diffusers_to_original_name(key: str) -> str:
   return key
 
 
+def diffusers_kwargs(cfg: ml_collections.ConfigDict) -> dict:
+  """Arguments of diffusers' `WanTransformer3DModel` with the architecture of `cfg` (the
+  PyTorch reference of the parity tests and benchmarks)."""
+  return dict(
+    patch_size=tuple(cfg.patch_size),
+    num_attention_heads=cfg.num_heads,
+    attention_head_dim=cfg.dim // cfg.num_heads,
+    in_channels=cfg.in_dim,
+    out_channels=cfg.out_dim,
+    text_dim=cfg.text_dim,
+    freq_dim=cfg.freq_dim,
+    ffn_dim=cfg.ffn_dim,
+    num_layers=cfg.num_layers,
+    eps=cfg.eps,
+  )
+
+
 def is_diffusers_layout(keys) -> bool:
   return any(k.startswith(("condition_embedder.", "proj_out.")) for k in keys)
 
