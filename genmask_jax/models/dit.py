@@ -280,8 +280,8 @@ class WanDiT(nn.Module):
     )
 
     # Time embedding per slot, in fp32: e feeds the head, e0 the blocks' modulation. Batch-sharded
-    # like every activation: left free, the partitioner shards them over embed and then has to
-    # move their gradients between the two layouts by full replication.
+    # like every activation: left free, they follow the weights onto embed, and with data > 1 the
+    # partitioner can move their gradients back to the batch layout only by full replication.
     per_slot = lambda y: nn.with_logical_constraint(
       y, ("activation_batch", "activation_length", "activation_embed")
     )

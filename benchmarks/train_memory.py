@@ -1,0 +1,121 @@
+"""Per-device memory of the real sharded train step, from XLA's memory analysis (compile only).
+
+  python -m benchmarks.train_memory --size=1.3b --resolution=512 --batch=8 --policies=none,full
+
+Lowers and compiles, without running, `genmask_jax.train`'s jitted step (a segmentation and a
+generation sub-batch, VAE encoding inside the step, AdamW) for abstract inputs on fake CPU
+devices with FSDP (mesh data x fsdp, default 1 x 8), once per remat policy. Reports XLA's
+per-device buffers: arguments (train state, VAE, batch), outputs, aliased (the donated state)
+and temporaries (activations and scratch); peak ~ arguments + outputs - aliased + temporaries.
+CPU buffer assignment is close to, not equal to, a GPU's or TPU's; the `xla` attention kernel
+keeps the (L x L) probabilities that the flash kernels (cudnn, splash) never materialize.
+"""
+
+from __future__ import annotations
+
+import os
+
+# The fake devices must exist before JAX starts.
+if "xla_force_host_platform_device_count" not in os.environ.get("XLA_FLAGS", ""):
+  os.environ["XLA_FLAGS"] = (
+    os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8"
+  ).strip()
+os.environ.setdefault("JAX_PLATFORMS", "cpu")
+
+import argparse  # noqa: E402
+import time  # noqa: E402
+
+import flax.linen as nn  # noqa: E402
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+
+from configs.genmask import get_config  # noqa: E402
+from genmask_jax import sharding, train  # noqa: E402
+from genmask_jax.data.pipeline import TEXT_DTYPES  # noqa: E402
+from genmask_jax.genmask import Models  # noqa: E402
+from genmask_jax.optimizer import make_optimizer  # noqa: E402
+
+GIB = 2**30
+
+
+def abstract_batch(config, mesh, batch: int, resolution: int) -> dict:
+  """The step's batch as ShapeDtypeStructs sharded like `train.device_batch`'s arrays."""
+  text_shape = (batch, config.data.text_len, config.dit.text_dim)
+  shapes = {
+    "image": ((batch, resolution, resolution, 3), jnp.float32),
+    "mask": ((batch, resolution, resolution), jnp.uint8),
+    "text": (text_shape, TEXT_DTYPES[config.data.text_dtype]),
+    "text_mask": (text_shape[:2], jnp.bool_),
+  }
+  keys = {"segmentation": train.SEGMENTATION_KEYS, "generation": train.GENERATION_KEYS}
+  return {
+    task: {
+      k: jax.ShapeDtypeStruct(
+        shapes[k][0], shapes[k][1], sharding=sharding.batch_sharding(mesh, len(shapes[k][0]))
+      )
+      for k in task_keys
+    }
+    for task, task_keys in keys.items()
+  }
+
+
+def compile_step(config, batch: int, resolution: int):
+  """(compiled step, seconds to lower and compile) for `config`."""
+  mesh, rules = sharding.make_mesh(config.mesh), sharding.rules(config.get("sharding"))
+  models, optimizer = Models.from_config(config), make_optimizer(config.optimizer)
+  with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
+    state, state_shardings = train.abstract_train_state(models, config, optimizer, mesh, rules)
+    vae_boxed = jax.eval_shape(models.init_vae_params, jax.random.key(0))
+    vae, _ = sharding.abstract_with_shardings(vae_boxed, mesh, rules)
+    step = train.compile_train_step(models, config, optimizer, state_shardings, mesh)
+    start = time.perf_counter()
+    compiled = step.lower(
+      state, vae, abstract_batch(config, mesh, batch, resolution), jax.random.key(0)
+    ).compile()
+  return compiled, time.perf_counter() - start
+
+
+def main() -> None:
+  parser = argparse.ArgumentParser(description=__doc__)
+  parser.add_argument("--size", default="1.3b", help="configs/genmask.py size")
+  parser.add_argument("--resolution", type=int, default=512)
+  parser.add_argument("--batch", type=int, default=8, help="global batch per task")
+  parser.add_argument("--data", type=int, default=1, help="mesh data axis; fsdp takes the rest")
+  parser.add_argument("--dtype", default="bfloat16", help="DiT compute dtype")
+  parser.add_argument("--policies", default="none,full", help="comma-separated remat policies")
+  args = parser.parse_args()
+
+  config = get_config(args.size)
+  config.mesh = dict(data=args.data, fsdp=-1, tensor=1)
+  config.dit.dtype = args.dtype
+  n = jax.device_count()
+  print(
+    f"train step of {args.size}: {args.batch} segmentation + {args.batch} generation samples "
+    f"at {args.resolution}x{args.resolution}, text {config.data.text_len} x "
+    f"{config.dit.text_dim}, DiT in {args.dtype}, attention {config.dit.attention}; "
+    f"{n} {jax.devices()[0].platform} devices, mesh data={args.data} fsdp={n // args.data}"
+  )
+  print(
+    f"{'remat':>20} {'args GiB':>9} {'out GiB':>8} {'alias GiB':>9} {'temp GiB':>9} "
+    f"{'peak GiB':>9} {'compile s':>10}"
+  )
+  for policy in args.policies.split(","):
+    config.dit.remat_policy = policy
+    compiled, seconds = compile_step(config, args.batch, args.resolution)
+    m = compiled.memory_analysis()
+    args_b, out_b, alias_b, temp_b = (
+      m.argument_size_in_bytes,
+      m.output_size_in_bytes,
+      m.alias_size_in_bytes,
+      m.temp_size_in_bytes,
+    )
+    peak = args_b + out_b - alias_b + temp_b
+    print(
+      f"{policy:>20} {args_b / GIB:>9.2f} {out_b / GIB:>8.2f} {alias_b / GIB:>9.2f} "
+      f"{temp_b / GIB:>9.2f} {peak / GIB:>9.2f} {seconds:>10.0f}",
+      flush=True,
+    )
+
+
+if __name__ == "__main__":
+  main()
