@@ -28,8 +28,6 @@ os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
 import argparse  # noqa: E402
 import gc  # noqa: E402
 import math  # noqa: E402
-import time  # noqa: E402
-from collections.abc import Callable  # noqa: E402
 
 import flax.linen as nn  # noqa: E402
 import jax  # noqa: E402
@@ -37,9 +35,11 @@ import ml_collections  # noqa: E402
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
+from benchmarks.timing import median_seconds  # noqa: E402
 from configs import models as model_configs  # noqa: E402
 from configs.genmask import get_config  # noqa: E402
 from genmask_jax import inference, sharding, train  # noqa: E402
+from genmask_jax.conversion.dit import diffusers_kwargs  # noqa: E402
 from genmask_jax.genmask import Models, frozen_vae_params  # noqa: E402
 from genmask_jax.models.vae import SPATIAL_STRIDE  # noqa: E402
 from genmask_jax.optimizer import make_optimizer  # noqa: E402
@@ -150,17 +150,6 @@ def host_batch(config, batch: int, resolution: int, rng: np.random.Generator) ->
   }
 
 
-def timed(run: Callable[[], None], repeats: int) -> float:
-  """Median seconds of `run` after one warm-up call (compilation, autotuning)."""
-  run()
-  times = []
-  for _ in range(repeats):
-    start = time.perf_counter()
-    run()
-    times.append(time.perf_counter() - start)
-  return float(np.median(times))
-
-
 # ---------------------------------------------------------------- ours (JAX)
 
 
@@ -191,7 +180,7 @@ def jax_benchmark(config, preset: dict, data: dict) -> dict:
       holder[0], metrics = step(holder[0], vae, batch, rng)
       jax.block_until_ready(metrics)
 
-    results["train_s"] = timed(run_step, preset["repeats"])
+    results["train_s"] = median_seconds(run_step, preset["repeats"])
     stats = device.memory_stats()
     if stats:
       results["peak_bytes"] = stats["peak_bytes_in_use"]
@@ -211,7 +200,7 @@ def jax_benchmark(config, preset: dict, data: dict) -> dict:
       part = data["segmentation"]  # Its first b samples, repeated if b is larger.
       inputs = [jax.device_put(np.resize(part[k], (b, *part[k].shape[1:]))) for k in SEGMENT_KEYS]
       run = lambda inputs=inputs: segment(params, vae, *inputs).block_until_ready()
-      results[f"segment_{b}"] = b / timed(run, preset["repeats"])
+      results[f"segment_{b}"] = b / median_seconds(run, preset["repeats"])
   return results
 
 
@@ -222,18 +211,7 @@ def torch_models(config):
   import diffusers
 
   cfg = config.dit
-  dit = diffusers.WanTransformer3DModel(
-    patch_size=tuple(cfg.patch_size),
-    num_attention_heads=cfg.num_heads,
-    attention_head_dim=cfg.dim // cfg.num_heads,
-    in_channels=cfg.in_dim,
-    out_channels=cfg.out_dim,
-    text_dim=cfg.text_dim,
-    freq_dim=cfg.freq_dim,
-    ffn_dim=cfg.ffn_dim,
-    num_layers=cfg.num_layers,
-    eps=cfg.eps,
-  )
+  dit = diffusers.WanTransformer3DModel(**diffusers_kwargs(cfg))
   vae = diffusers.AutoencoderKLWan(
     base_dim=config.vae.base_dim,
     z_dim=config.vae.z_dim,
@@ -296,7 +274,7 @@ def torch_benchmark(config, preset: dict, data: dict, device: torch.device) -> d
   results = {}
   if device.type == "cuda":
     torch.cuda.reset_peak_memory_stats(device)
-  results["train_s"] = timed(step, preset["repeats"])
+  results["train_s"] = median_seconds(step, preset["repeats"])
   if device.type == "cuda":
     results["peak_bytes"] = torch.cuda.max_memory_allocated(device)
   # Inference weights in the compute dtype, except the modules diffusers keeps in fp32.
@@ -331,7 +309,7 @@ def torch_benchmark(config, preset: dict, data: dict, device: torch.device) -> d
     images = frames(np.resize(seg["image"], (b, *seg["image"].shape[1:])))
     text = torch.from_numpy(np.resize(seg["text"], (b, *seg["text"].shape[1:]))).to(device)
     run = lambda images=images, text=text: segment(images, text)
-    results[f"segment_{b}"] = b / timed(run, preset["repeats"])
+    results[f"segment_{b}"] = b / median_seconds(run, preset["repeats"])
   return results
 
 
