@@ -79,7 +79,8 @@ def sbatch_script(args: argparse.Namespace) -> str:
     *venv,
     *(shlex.join(["export", f"{key}={value}"]) for key, value in env.items()),
     "# jax.distributed: the first node of the allocation coordinates.",
-    'COORDINATOR="$(scontrol show hostnames "$SLURM_JOB_NODELIST" | head -n 1)"',
+    'NODES=($(scontrol show hostnames "$SLURM_JOB_NODELIST"))',
+    'COORDINATOR="${NODES[0]}"',
     f'export COORDINATOR_ADDRESS="$COORDINATOR:{args.port}"',
     shlex.join(srun_command(args)),
   ]

@@ -36,7 +36,7 @@ def run_cli(root, workdir, devices=8, *overrides):
 def losses(workdir) -> dict[int, float]:
   """Per-step loss; a step run twice (before and after a restart) keeps its last value."""
   with open(os.path.join(workdir, "metrics.jsonl")) as f:
-    return {r["step"]: r["loss"] for r in map(json.loads, f)}
+    return {r["step"]: r["loss"] for r in map(json.loads, f) if "loss" in r}
 
 
 def final_params(workdir, config):
@@ -57,9 +57,11 @@ def root(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def sharded_run(root, tmp_path_factory):
-  """The reference: 8 fake devices, mesh (data=2, fsdp=4), 8 steps."""
+  """The reference: 8 fake devices, mesh (data=2, fsdp=4), 8 steps, evaluated at step 8."""
   workdir = str(tmp_path_factory.mktemp("sharded"))
-  run_cli(root, workdir, 8, "--config.mesh.data=2", "--config.mesh.fsdp=4")
+  run_cli(
+    root, workdir, 8, "--config.mesh.data=2", "--config.mesh.fsdp=4", "--config.eval.every_steps=8"
+  )
   return workdir
 
 
@@ -124,6 +126,14 @@ def test_two_processes_match_one(root, tmp_path):
   np.testing.assert_allclose(
     [two_losses[s] for s in range(1, 5)], [one_losses[s] for s in range(1, 5)], atol=1e-5
   )
+
+
+def test_evaluation_during_training(sharded_run):
+  with open(os.path.join(sharded_run, "eval", "step_8", "results.json")) as f:
+    assert json.load(f)["synthetic_train"]["samples"] == 32
+  with open(os.path.join(sharded_run, "metrics.jsonl")) as f:
+    rows = [r for r in map(json.loads, f) if "eval/synthetic_train/gIoU" in r]
+  assert [r["step"] for r in rows] == [8]
 
 
 def test_eval_mode_scores_the_latest_checkpoint(root, sharded_run):
