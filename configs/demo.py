@@ -27,7 +27,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     config.data[task].resolution = 64
     config.data[task].batch_size = 16
 
-  config.total_steps = 2000
+  config.total_steps = 1500
   config.optimizer.update(lr=2e-3, min_lr=1e-4, warmup_steps=100)
   config.mesh = dict(data=1, fsdp=-1, tensor=1)
   config.checkpoint = dict(every=250, keep=2, async_save=True)
