@@ -69,7 +69,7 @@ def main(argv: list[str]) -> None:
     image = records.decode_image(sample)
     base = os.path.join(_OUT.value, f"{i:03d}_{_name(sample)}")
     Image.fromarray(mask.astype(np.uint8) * 255).save(f"{base}_mask.png")
-    Image.fromarray(report._paint(image, mask, report.PREDICTION_RGB)).save(f"{base}_overlay.png")
+    Image.fromarray(report.paint(image, mask, report.PREDICTION_RGB)).save(f"{base}_overlay.png")
     print(f"{sample['id']} {sample['text']!r}: {base}_mask.png {base}_overlay.png")
 
 

@@ -51,7 +51,7 @@ def _letterbox(rgb: np.ndarray, tile: int, resample: Image.Resampling) -> np.nda
   return out
 
 
-def _paint(image: np.ndarray, where: np.ndarray, rgb: tuple[int, int, int]) -> np.ndarray:
+def paint(image: np.ndarray, where: np.ndarray, rgb: tuple[int, int, int]) -> np.ndarray:
   blended = (1 - ALPHA) * image + ALPHA * np.asarray(rgb, np.float32)
   return np.where(where[..., None], blended, image).round().astype(np.uint8)
 
@@ -68,9 +68,9 @@ def overlay_row(
       f"image {image.shape[:2]}, truth {truth.shape} and prediction {prediction.shape} "
       "must share one (h, w)"
     )
-  painted_truth = _paint(image, truth == metrics.FOREGROUND, TRUTH_RGB)
-  painted_truth = _paint(painted_truth, truth == metrics.IGNORE, IGNORE_RGB)
-  painted_prediction = _paint(image, prediction.astype(bool), PREDICTION_RGB)
+  painted_truth = paint(image, truth == metrics.FOREGROUND, TRUTH_RGB)
+  painted_truth = paint(painted_truth, truth == metrics.IGNORE, IGNORE_RGB)
+  painted_prediction = paint(image, prediction.astype(bool), PREDICTION_RGB)
   tiles = [
     _letterbox(x, tile, Image.Resampling.NEAREST) for x in (painted_truth, painted_prediction)
   ]
