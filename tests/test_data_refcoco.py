@@ -10,6 +10,7 @@ import collections
 import importlib.resources
 import json
 import os
+import pathlib
 import pickle
 import sys
 
@@ -22,7 +23,18 @@ from genmask_jax.data import records
 from genmask_jax.data.sources import refcoco
 from launch import prepare_data
 
-FIXTURE = "/work/shared/fixtures/refcoco_tfds_dummy/refcoco.json"
+# TFDS's upstream dummy `refcoco.json`, in the shared/ folder beside the checkout.
+FIXTURE = (
+  next(
+    str(p)
+    for p in (
+      pathlib.Path(__file__).resolve().parents[2] / "shared",
+      pathlib.Path("/work/shared"),
+    )
+    if (p / "fixtures").is_dir()
+  )
+  + "/fixtures/refcoco_tfds_dummy/refcoco.json"
+)
 UPSTREAM_SPLITS = {
   ("refcoco", "unc"): {"train", "val", "testA", "testB"},
   ("refcoco", "google"): {"train", "val", "test"},
