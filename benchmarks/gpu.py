@@ -328,8 +328,8 @@ def report(ours: dict, theirs: dict, flops: int, peak: float | None, preset: dic
   lines = [f"{'(s: lower is better)':<28} {'ours':>10} {'diffusers':>10} {'ours/diffusers':>15}"]
   for label, key, scale in rows:
     a, b = ours.get(key), theirs.get(key)
-    fmt = lambda x, scale=scale: f"{x * scale:>10.3f}" if x is not None else f"{'n/a':>10}"
-    ratio = f"{a / b:>15.2f}" if a is not None and b is not None else f"{'n/a':>15}"
+    fmt = lambda x, scale=scale: f"{x * scale:>10.4g}" if x is not None else f"{'n/a':>10}"
+    ratio = f"{a / b:>15.3g}" if a is not None and b is not None else f"{'n/a':>15}"
     lines.append(f"{label:<28} {fmt(a)} {fmt(b)} {ratio}")
   if peak:
     mfu = lambda r: flops / r["train_s"] / peak
