@@ -13,16 +13,12 @@ from __future__ import annotations
 import json
 import os
 
-import jax
 from absl import app, flags
-from flax import linen as nn
 
 from configs.demo import get_config
-from genmask_jax import evaluate, inference, log_filter, sharding, train
-from genmask_jax.genmask import Models
+from genmask_jax import evaluate, log_filter, train
 from launch import demo
 
-_WORKDIR = flags.DEFINE_string("workdir", "runs/demo", "The demo's work directory.")
 _STEPS = flags.DEFINE_integer("steps", 800, "Training steps per variant.")
 _ONLY = flags.DEFINE_list("only", [], "Variants to run (default: all).")
 
@@ -58,12 +54,7 @@ def run_variant(name: str, overrides: dict, workdir: str, steps: int) -> dict[st
     with open(result_path) as f:
       return json.load(f)
   train.train(config, run_dir)
-  mesh, rules = sharding.make_mesh(config.mesh), sharding.rules()
-  models = Models.from_config(config)
-  with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
-    params, vae_params = inference.restore_params(config, run_dir, models, mesh, rules)
-    out_dir = os.path.join(run_dir, "eval")
-    results = evaluate.evaluate_params(models, params, vae_params, config, mesh, out_dir)
+  results = evaluate.evaluate(config, run_dir)
   with open(result_path, "w") as f:
     json.dump(results["heldout"], f)
   return results["heldout"]
@@ -72,7 +63,7 @@ def run_variant(name: str, overrides: dict, workdir: str, steps: int) -> dict[st
 def main(argv: list[str]) -> None:
   del argv
   log_filter.quiet_library_logs()
-  workdir = os.path.abspath(_WORKDIR.value)
+  workdir = os.path.abspath(demo.WORKDIR.value)
   names = [n for n in VARIANTS if not _ONLY.value or n in _ONLY.value]
   rows = {n: run_variant(n, VARIANTS[n], workdir, _STEPS.value) for n in names}
   print(f"\nToy-scale ablations, {_STEPS.value} steps each, held-out expressions (2-core CPU)")

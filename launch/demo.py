@@ -45,7 +45,7 @@ from genmask_jax.masks import mask_to_image
 from genmask_jax.vlm.tiny_qwen import save_tiny_qwen
 
 _CONFIG = config_flags.DEFINE_config_file("config", "configs/demo.py", "Demo config.")
-_WORKDIR = flags.DEFINE_string("workdir", "runs/demo", "Everything the demo writes.")
+WORKDIR = flags.DEFINE_string("workdir", "runs/demo", "Everything the demo writes.")
 
 HELDOUT_CAPTIONS_SEED = 1  # Generation scenes the DiT never saw.
 
@@ -193,7 +193,7 @@ def prepare(config, workdir: str) -> dict[str, dict[str, str]]:
 def main(argv: list[str]) -> None:
   del argv
   log_filter.quiet_library_logs()
-  config, workdir = _CONFIG.value, os.path.abspath(_WORKDIR.value)
+  config, workdir = _CONFIG.value, os.path.abspath(WORKDIR.value)
   start = time.time()
   store = prepare(config, workdir)
 
