@@ -41,7 +41,7 @@ from configs.genmask import get_config  # noqa: E402
 from genmask_jax import inference, sharding, train  # noqa: E402
 from genmask_jax.conversion.dit import diffusers_kwargs  # noqa: E402
 from genmask_jax.genmask import Models, frozen_vae_params  # noqa: E402
-from genmask_jax.models.vae import SPATIAL_STRIDE  # noqa: E402
+from genmask_jax.models.vae import spatial_stride  # noqa: E402
 from genmask_jax.optimizer import make_optimizer  # noqa: E402
 
 PRESETS = {
@@ -113,7 +113,7 @@ def train_step_flops(config: ml_collections.ConfigDict, batch: int, resolution: 
   """Model FLOPs of one train step: DiT forward + backward (3x forward) on `batch`
   segmentation samples (N noisy + N condition tokens) and `batch` generation samples (N tokens),
   plus the frozen VAE encodes (masks, their images, generation images)."""
-  side = resolution // SPATIAL_STRIDE
+  side = resolution // spatial_stride(config.vae.dim_mult)
   n = (side // config.dit.patch_size[1]) * (side // config.dit.patch_size[2])
   text = config.data.text_len
   segmentation = dit_forward_flops(config.dit, 2 * n, n, text)
@@ -288,7 +288,7 @@ def torch_benchmark(config, preset: dict, data: dict, device: torch.device) -> d
 
   @torch.no_grad()
   def segment(images, text):
-    cond = encode(images.to(compute))
+    cond = encode(images.to(compute)).to(compute)  # The latent statistics are fp32.
     eps = torch.randn((1, *cond.shape[1:]), device=device, generator=noise.manual_seed(0))
     x_t = eps.expand_as(cond).to(compute)  # t = 1: pure noise.
     tokens = cond[0, 0].numel() // math.prod(config.dit.patch_size)
@@ -368,7 +368,7 @@ def main() -> None:
   ours = jax_benchmark(config, preset, data)
 
   name = jax_device.device_kind
-  tokens = (preset["resolution"] // SPATIAL_STRIDE // 2) ** 2
+  tokens = (preset["resolution"] // spatial_stride(config.vae.dim_mult) // 2) ** 2
   print(f"device: {name} (torch {torch_device}, {torch.get_num_threads()} CPU threads)")
   print(
     f"DiT {preset['dit']} ({config.dit.num_layers} layers, dim {config.dit.dim}), VAE "

@@ -12,6 +12,7 @@ import ml_collections
 from genmask_jax import checkpointing, sharding, weights
 from genmask_jax.diffusion import generate, segment
 from genmask_jax.genmask import Models, frozen_vae_params
+from genmask_jax.models.vae import spatial_stride
 
 
 def restore_params(config: ml_collections.ConfigDict, workdir: str, models: Models, mesh, rules):
@@ -60,11 +61,13 @@ def segmenter(models: Models, config: ml_collections.ConfigDict):
 
 def generator(models: Models, config: ml_collections.ConfigDict, resolution: int):
   """jit(params, vae_params, rng, text, text_mask, guidance_scale) -> images (B, R, R, 3)."""
-  latent_side = resolution // 8
+  latent_side = resolution // spatial_stride(config.vae.dim_mult)
 
   @jax.jit
   def run(params, vae_params, rng: jax.Array, text, text_mask, guidance_scale: Any):
-    noise = jax.random.normal(rng, (text.shape[0], 1, latent_side, latent_side, 16), jnp.float32)
+    noise = jax.random.normal(
+      rng, (text.shape[0], 1, latent_side, latent_side, config.vae.z_dim), jnp.float32
+    )
     latents = generate.generate(
       models.velocity,
       params,

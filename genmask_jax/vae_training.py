@@ -11,7 +11,7 @@ import numpy as np
 import optax
 from absl import logging
 
-from genmask_jax.models.vae import WanVAE
+from genmask_jax.models.vae import WanVAE, spatial_stride
 from genmask_jax.sharding import strip_axis_names
 
 
@@ -34,10 +34,10 @@ def train_vae(
   """Fits `vae` to reconstruct `images` (N, H, W, 3) in [-1, 1] under MSE; returns its
   parameters and the loss of every step.
 
-  With `crop`, each step sees random crop x crop windows at multiples of 8 (the VAE is
-  convolutional, so it then runs on whole images), which is cheaper per step.
+  With `crop`, each step sees random crop x crop windows at multiples of the VAE's stride (it
+  is convolutional, so it then runs on whole images), which is cheaper per step.
   """
-  vae = unnormalized(vae)
+  vae, stride = unnormalized(vae), spatial_stride(vae.dim_mult)
   rng = np.random.default_rng(seed)
   params = strip_axis_names(vae.init(jax.random.key(seed), jnp.asarray(images[:1]))["params"])
   optimizer = optax.adamw(optax.cosine_decay_schedule(lr, steps, alpha=0.05), weight_decay=0.0)
@@ -56,7 +56,7 @@ def train_vae(
   for i in range(steps):
     batch = images[rng.integers(0, len(images), batch_size)]
     if crop:
-      y, x = 8 * rng.integers(0, (np.array(batch.shape[1:3]) - crop) // 8 + 1)
+      y, x = stride * rng.integers(0, (np.array(batch.shape[1:3]) - crop) // stride + 1)
       batch = batch[:, y : y + crop, x : x + crop]
     params, opt_state, loss = step(params, opt_state, batch)
     losses.append(float(loss))

@@ -139,13 +139,16 @@ def test_dit_config_selects_splash_with_its_tiles():
 
 def test_dit_config_selects_cudnn(monkeypatch):
   """attention="cudnn" calls jax.nn.dot_product_attention(implementation="cudnn") for every
-  attention of the block (run here with the XLA implementation, as cuDNN needs a GPU)."""
+  attention of the block (run here with the XLA implementation, as cuDNN needs a GPU), with the
+  text mask as the full (B, 1, Lq, Lk) bias that cuDNN accepts (it rejects a broadcast one)."""
   calls = []
   original = jax.nn.dot_product_attention
 
-  def record(*args, implementation=None, mask=None, **kwargs):
+  def record(q, k, *args, implementation=None, mask=None, **kwargs):
     calls.append((implementation, "cross" if mask is not None else "self"))
-    return original(*args, implementation="xla", mask=mask, **kwargs)
+    if mask is not None:
+      assert mask.shape == (q.shape[0], 1, q.shape[1], k.shape[1])
+    return original(q, k, *args, implementation="xla", mask=mask, **kwargs)
 
   ref, params = dit_reference()
   monkeypatch.setattr(jax.nn, "dot_product_attention", record)

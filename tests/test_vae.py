@@ -20,7 +20,7 @@ from configs.models import wan_vae
 from genmask_jax import masks
 from genmask_jax.conversion.tensor_files import CheckpointError
 from genmask_jax.conversion.vae import convert_vae_file, original_name, vae_params_from_tensors
-from genmask_jax.models.vae import LATENTS_MEAN, LATENTS_STD, WanVAE
+from genmask_jax.models.vae import LATENTS_MEAN, LATENTS_STD, WanVAE, spatial_stride
 
 CFG = wan_vae("tiny")  # base_dim 8
 SIZES = [(64, 64), (40, 72)]
@@ -150,6 +150,19 @@ def test_rejects_sides_not_multiple_of_8(converted):
     _apply("float32", "encode")(variables, np.zeros((1, 36, 64, 3), np.float32))
   with pytest.raises(ValueError, match=r"\(B, H, W, 16\)"):
     _apply("float32", "decode")(variables, np.zeros((1, 4, 4, 15), np.float32))
+
+
+def test_fewer_stages_smaller_stride():
+  """A WAN-layout VAE with three stages (the demo's) downsamples 4x, and checks for that."""
+  vae = WanVAE(**dict(CFG, dim_mult=(1, 2, 4)))
+  assert spatial_stride(vae.dim_mult) == 4 and spatial_stride(CFG.dim_mult) == 8
+  images = jnp.zeros((1, 20, 12, 3))
+  params = vae.init(jax.random.key(0), images)["params"]
+  latents = vae.apply({"params": params}, images, method=WanVAE.encode)
+  assert latents.shape == (1, 5, 3, 16)
+  assert vae.apply({"params": params}, latents, method=WanVAE.decode).shape == images.shape
+  with pytest.raises(ValueError, match="multiples of 4"):
+    vae.apply({"params": params}, jnp.zeros((1, 18, 12, 3)), method=WanVAE.encode)
 
 
 def _save(tensors: dict[str, np.ndarray], path) -> str:

@@ -53,7 +53,9 @@ def _xla(q, k, v, key_mask, block_sizes) -> jax.Array:
 def _jax_nn(q, k, v, key_mask, block_sizes, *, implementation: str | None) -> jax.Array:
   """`jax.nn.dot_product_attention`; implementation="cudnn" is the fused flash kernel on GPU."""
   del block_sizes  # The kernel tiles on its own.
-  mask = None if key_mask is None else key_mask[:, None, None, :]
+  mask = None
+  if key_mask is not None:  # cuDNN takes a mask only as a full (B, 1, Lq, Lk) bias.
+    mask = jnp.broadcast_to(key_mask[:, None, None, :], (q.shape[0], 1, q.shape[1], k.shape[1]))
   return jax.nn.dot_product_attention(q, k, v, mask=mask, implementation=implementation)
 
 

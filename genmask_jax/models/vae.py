@@ -5,8 +5,9 @@ front of the data, so only the last temporal tap of its kernel contributes: the 
 a 2D conv with that tap. The temporal resample convs never run for the first (here: only) chunk.
 This module is that 2D network, exact for images; see reference/wan21_port_facts.md section 3.
 
-Images are (B, H, W, 3) in [-1, 1] with H and W multiples of 8; latents are (B, H/8, W/8, z_dim),
-normalized per channel with WAN's published means and standard deviations.
+Images are (B, H, W, 3) in [-1, 1] with H and W multiples of the spatial stride (8 for WAN's four
+stages, `2 ** (len(dim_mult) - 1)` in general); latents are (B, H/8, W/8, z_dim), normalized per
+channel with WAN's published means and standard deviations.
 """
 
 from __future__ import annotations
@@ -21,7 +22,6 @@ import jax.numpy as jnp
 from genmask_jax.models.attention import dot_product_attention
 
 f32 = jnp.float32
-SPATIAL_STRIDE = 8
 
 # Per-channel statistics of WAN-2.1 latents (`wan/modules/vae.py`).
 LATENTS_MEAN = (
@@ -165,6 +165,11 @@ class Decoder(nn.Module):
     return _head(x, 3, self.dtype)
 
 
+def spatial_stride(dim_mult: Sequence[int]) -> int:
+  """Image pixels per latent along each side: every stage but the last halves the resolution."""
+  return 2 ** (len(dim_mult) - 1)
+
+
 def _check_shape(x: jax.Array, what: str, channels: int, multiple: int = 1) -> None:
   if x.ndim != 4 or x.shape[-1] != channels:
     raise ValueError(f"{what} must be (B, H, W, {channels}), got shape {x.shape}")
@@ -204,8 +209,9 @@ class WanVAE(nn.Module):
     return jnp.asarray(self.latents_mean, f32), jnp.asarray(self.latents_std, f32)
 
   def encode(self, images: jax.Array) -> jax.Array:
-    """Images (B, H, W, 3) in [-1, 1] -> normalized latents (B, H/8, W/8, z_dim), fp32."""
-    _check_shape(images, "images", 3, SPATIAL_STRIDE)
+    """Images (B, H, W, 3) in [-1, 1] -> normalized latents (B, H/8, W/8, z_dim), fp32 (8: the
+    spatial stride of WAN's dim_mult)."""
+    _check_shape(images, "images", 3, spatial_stride(self.dim_mult))
     mu = self.quant_conv(self.encoder(images))[..., : self.z_dim].astype(f32)
     mean, std = self._stats()
     return (mu - mean) / std
