@@ -1,10 +1,11 @@
 r"""The paper's ablations at toy scale on the synthetic set: one row per variant.
 
-  python -m benchmarks.ablations --workdir=runs/demo [--steps=800] [--only=s=0.1,no_cond]
+  python -m benchmarks.ablations --workdir=runs/demo [--steps=N] [--only="s=0.1,s=0.5"]
 
 Reuses (or makes) the demo's data, VLM features and frozen VAE under --workdir, trains each
-variant of configs/demo.py for --steps steps under --workdir/ablations/<name> (a re-run resumes
-or skips finished variants) and evaluates it on the held-out expressions. The paper's direction
+variant of configs/demo.py for --steps steps (default: the demo's) under
+--workdir/ablations/<name> (a re-run resumes or skips finished variants) and evaluates it on the
+held-out expressions. The paper's direction
 need not reproduce at this scale; the table reports what is measured.
 """
 
@@ -13,13 +14,14 @@ from __future__ import annotations
 import json
 import os
 
-from absl import app, flags
+import jax
+from absl import app, flags, logging
 
 from configs.demo import get_config
 from genmask_jax import evaluate, log_filter, train
 from launch import demo
 
-_STEPS = flags.DEFINE_integer("steps", 800, "Training steps per variant.")
+_STEPS = flags.DEFINE_integer("steps", 0, "Training steps per variant (0: the demo's).")
 _ONLY = flags.DEFINE_list("only", [], "Variants to run (default: all).")
 
 # name -> config overrides (dotted path -> value); the first row is the paper's setting.
@@ -41,7 +43,7 @@ def run_variant(name: str, overrides: dict, workdir: str, steps: int) -> dict[st
   config = get_config()
   demo.prepare(config, workdir)
   with config.unlocked():
-    config.total_steps = steps
+    config.total_steps = steps or config.total_steps
     for path, value in overrides.items():
       *parents, leaf = path.split(".")
       node = config
@@ -57,6 +59,7 @@ def run_variant(name: str, overrides: dict, workdir: str, steps: int) -> dict[st
   results = evaluate.evaluate(config, run_dir)
   with open(result_path, "w") as f:
     json.dump(results["heldout"], f)
+  logging.info("%s: held-out mIoU %.3f", name, results["heldout"]["gIoU"])
   return results["heldout"]
 
 
@@ -66,7 +69,9 @@ def main(argv: list[str]) -> None:
   workdir = os.path.abspath(demo.WORKDIR.value)
   names = [n for n in VARIANTS if not _ONLY.value or n in _ONLY.value]
   rows = {n: run_variant(n, VARIANTS[n], workdir, _STEPS.value) for n in names}
-  print(f"\nToy-scale ablations, {_STEPS.value} steps each, held-out expressions (2-core CPU)")
+  steps = _STEPS.value or get_config().total_steps
+  device = jax.devices()[0].device_kind
+  print(f"\nToy-scale ablations, {steps} steps each, held-out expressions ({device})")
   print(f"{'variant':32s} {'mIoU':>7s} {'oIoU':>7s} {'P@0.5':>7s}")
   for name, r in rows.items():
     print(f"{name:32s} {r['gIoU']:7.3f} {r['cIoU']:7.3f} {r['Prec@0.5']:7.3f}")

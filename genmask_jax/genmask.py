@@ -18,7 +18,7 @@ from genmask_jax import sharding, weights
 from genmask_jax.diffusion.mask_decoders import LinearMaskHead
 from genmask_jax.masks import image_to_mask_logits
 from genmask_jax.models.dit import WanDiT
-from genmask_jax.models.vae import WanVAE
+from genmask_jax.models.vae import WanVAE, spatial_stride
 
 
 @dataclasses.dataclass(frozen=True)
@@ -34,7 +34,9 @@ class Models:
     return cls(
       dit=WanDiT(**config.dit.to_dict()),
       vae=WanVAE(**config.vae.to_dict()),
-      mask_head=LinearMaskHead() if diffusion.segmentation_loss == "linear_bce" else None,
+      mask_head=LinearMaskHead(spatial_stride(config.vae.dim_mult))
+      if diffusion.segmentation_loss == "linear_bce"
+      else None,
       use_condition_tokens=diffusion.use_condition_tokens,
     )
 

@@ -124,7 +124,12 @@ def train_step(
     total, count, metrics = 0.0, 0, {}
     for sub_batch, task in encoded:
       n = sub_batch["task"].shape[0]
-      loss, m = loss_fn(params, sub_batch, jax.random.fold_in(rng, task))
+      loss, m = loss_fn(
+        params,
+        sub_batch,
+        jax.random.fold_in(rng, task),
+        has_segmentation=task == tasks.SEGMENTATION,
+      )
       total, count = total + loss * n, count + n
       metrics[f"loss/{tasks.NAMES[task]}"] = m[f"loss/{tasks.NAMES[task]}"]
     return total / count, metrics

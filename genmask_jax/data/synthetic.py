@@ -6,8 +6,10 @@ that only the text can resolve ("the red circle", "the leftmost shape", "the sma
 square below the triangle"); `resolve` checks that exactly one shape matches. A generation
 sample captions the whole scene ("a small red circle and a large blue square").
 
-Splits: "train" and "val" never target the HELD_OUT (color, kind) pairs; "heldout" targets
-only those pairs, named by color and kind, to test composition. "gen" holds captioned scenes.
+Splits: "train" and "val" scenes never contain the HELD_OUT (color, kind) pairs; "heldout"
+targets only those pairs, named by color and kind, to test composition. "gen" holds captioned
+scenes of every pair, so a held-out pair is seen (and named) in generation data alone. (As
+distractors in segmentation scenes they would teach that such a shape is never the target.)
 Sample i of a split depends only on (seed, split, i): generation order and subsets do not
 change it.
 """
@@ -199,7 +201,7 @@ def segmentation_sample(split: str, index: int, *, seed: int = 0, image_size: in
     if split == "heldout":
       color, kind = HELD_OUT[rng.integers(len(HELD_OUT))]
       shapes[t] = shapes[t]._replace(color=color, kind=kind)
-    elif (shapes[t].color, shapes[t].kind) in HELD_OUT:
+    elif any((s.color, s.kind) in HELD_OUT for s in shapes):
       continue
     expression = _expression(rng, shapes, t, heldout=split == "heldout")
     if expression is not None:

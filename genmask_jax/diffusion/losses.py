@@ -51,21 +51,25 @@ def training_loss(
   config: ml_collections.ConfigDict,
   vae_params: Any = None,
   vae_mask_logits: mask_decoders.VaeMaskLogitsFn | None = None,
+  has_segmentation: bool = True,
 ) -> tuple[jax.Array, dict[str, jax.Array]]:
   """Mean per-sample loss of a batch and metrics ("loss", "loss/<task>").
 
   params: the trainable tree, {"dit": ..., "mask_head": ...} ("mask_head" for linear_bce).
   batch: "latents" (B, 1, h, w, C) clean targets (mask or image latents), "task" (B,) ids
   from `tasks`, "context" (B, S, D), optional "context_mask" (B, S) and "cond"
-  (B, 1, h, w, C) clean image latents, and for the BCE formats "mask" (B, 8h, 8w).
+  (B, 1, h, w, C) clean image latents, and for the BCE formats "mask" (B, s h, s w), s the VAE
+  stride.
   vae_params, vae_mask_logits: the frozen VAE decoder for vae_bce.
+  has_segmentation: False for a batch known to hold generation samples only, which the BCE
+  formats leave under MSE (so it needs no "mask").
   """
   if config.segmentation_loss not in SUPERVISIONS:
     raise ValueError(
       f"segmentation_loss {config.segmentation_loss!r} unknown; expected one of "
       f"{sorted(SUPERVISIONS)}"
     )
-  decoder = SUPERVISIONS[config.segmentation_loss]
+  decoder = SUPERVISIONS[config.segmentation_loss] if has_segmentation else None
   required = ("latents", "task", "context") + (("mask",) if decoder else ())
   for key in required:
     if key not in batch:

@@ -3,12 +3,14 @@
 "vae":    the frozen VAE decoder renders the latent as a black-and-white image, which becomes
           logits by the image -> mask rule; gradients reach the latent through the decoder,
           never the decoder's parameters.
-"linear": a learnable linear map from each latent pixel's 16 channels to the 8 x 8 pixels it
-          covers (mask latents are nearly linearly separable, paper Sec. 2.2.1).
+"linear": a learnable linear map from each latent pixel's 16 channels to the stride x stride
+          (WAN: 8 x 8) pixels it covers (mask latents are nearly linearly separable, paper
+          Sec. 2.2.1).
 """
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from typing import Any
 
@@ -21,7 +23,6 @@ import jax.numpy as jnp
 VaeMaskLogitsFn = Callable[[Any, jax.Array], jax.Array]
 
 DECODERS = ("vae", "linear")
-VAE_STRIDE = 8  # Pixels per latent pixel along each axis.
 
 
 def depth_to_space(x: jax.Array, patch: int) -> jax.Array:
@@ -33,19 +34,22 @@ def depth_to_space(x: jax.Array, patch: int) -> jax.Array:
 
 
 class LinearMaskHead(nn.Module):
-  """Latents (B, h, w, C) -> mask logits (B, 8h, 8w) by one Dense layer per latent pixel."""
+  """Latents (B, h, w, C) -> mask logits (B, stride h, stride w) by one Dense layer per latent
+  pixel; `stride` is the VAE's (pixels per latent pixel along each axis)."""
+
+  stride: int = 8
 
   @nn.compact
   def __call__(self, latents: jax.Array) -> jax.Array:
     logits = nn.Dense(
-      VAE_STRIDE**2,
+      self.stride**2,
       kernel_init=nn.with_logical_partitioning(
         nn.initializers.lecun_normal(), ("latent_channels", "mask_patch")
       ),
       bias_init=nn.with_logical_partitioning(nn.initializers.zeros_init(), ("mask_patch",)),
       name="proj",
     )(latents.astype(jnp.float32))
-    return depth_to_space(logits, VAE_STRIDE)
+    return depth_to_space(logits, self.stride)
 
 
 def decode_mask_logits(
@@ -70,5 +74,6 @@ def decode_mask_logits(
       raise ValueError(
         "mask decoder 'linear' needs the LinearMaskHead parameters (params['mask_head'])"
       )
-    return LinearMaskHead().apply({"params": head_params}, latents)
+    stride = math.isqrt(head_params["proj"]["kernel"].shape[-1])
+    return LinearMaskHead(stride).apply({"params": head_params}, latents)
   raise ValueError(f"mask decoder {decoder!r} unknown; expected one of {DECODERS}")

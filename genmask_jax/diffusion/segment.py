@@ -57,7 +57,7 @@ def segment(
   vae_params: Any = None,
   vae_mask_logits: mask_decoders.VaeMaskLogitsFn | None = None,
 ) -> jax.Array:
-  """Mask logits (B, 8h, 8w) for image latents `cond` (B, 1, h, w, C) and instructions."""
+  """Mask logits (B, s h, s w), s the VAE stride, for image latents `cond` (B, 1, h, w, C)."""
   latents = one_step_latents(velocity_fn, params, cond, context, context_mask, config=config)
   return mask_decoders.decode_mask_logits(
     latents,
