@@ -29,8 +29,8 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     config.data[task].resolution = 64
     config.data[task].batch_size = 8
 
-  config.total_steps = 2300
-  config.optimizer.update(lr=2e-3, min_lr=1e-5, warmup_steps=100)
+  config.total_steps = 2200
+  config.optimizer.update(lr=3e-3, min_lr=1e-5, warmup_steps=100, b2=0.95)
   config.mesh = dict(data=1, fsdp=-1, tensor=1)
   config.checkpoint = dict(every=250, keep=2, async_save=True)
   config.log_every = 100
@@ -43,8 +43,9 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     num_gen=3000,
     num_heldout=256,
     num_generate=8,  # Images generated from held-out captions.
+    num_eval_train=256,  # Training samples evaluated too, to show fit next to generalization.
     image_size=64,
-    vae_steps=450,
+    vae_steps=400,
     vae_batch_size=16,
     vae_lr=2e-3,
     vae_crop=32,  # Random 32x32 windows: a quarter of the cost per step.
