@@ -36,6 +36,7 @@ def losses(workdir: str, key: str) -> np.ndarray:
 
 
 @pytest.mark.slow
+@pytest.mark.xdist_group("heavy")
 def test_short_demo_runs_learns_and_resumes(tmp_path):
   """The demo, shortened: every stage runs, the DiT learns to segment its training scenes (mIoU
   over initialization and over both baselines, margins above), and a re-run redoes nothing."""

@@ -155,6 +155,7 @@ def free_port() -> int:
     return s.getsockname()[1]
 
 
+@pytest.mark.xdist_group("heavy")
 def test_two_processes_give_every_process_the_single_process_result(tmp_path):
   root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
   env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"} | {"PYTHONPATH": root}
