@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 from flax import linen as nn
 from train_config import get_config
+from training_data import make_stores
 
 from genmask_jax import checkpointing, sharding, train
 from genmask_jax.genmask import Models
@@ -52,7 +53,11 @@ def final_params(workdir, config):
 
 @pytest.fixture(scope="module")
 def root(tmp_path_factory):
-  return str(tmp_path_factory.mktemp("stores"))
+  """The sample and feature stores, built here once: worker processes that each found them
+  missing would all write them at once."""
+  root = str(tmp_path_factory.mktemp("stores"))
+  make_stores(root)
+  return root
 
 
 @pytest.fixture(scope="module")
