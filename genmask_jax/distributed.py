@@ -33,3 +33,14 @@ def initialize(
     jax.local_device_count(),
     jax.device_count(),
   )
+
+
+def wait_for_peers(name: str, timeout_s: int = 3600) -> None:
+  """Blocks until every process reaches `name`, through the coordination service rather than a
+  collective: processes that compile at different speeds can outlast a collective's own timeout
+  (30 s for gloo on CPU) before the first step runs."""
+  if jax.process_count() == 1:
+    return
+  from jax._src import distributed as jax_distributed
+
+  jax_distributed.global_state.client.wait_at_barrier(name, timeout_in_ms=timeout_s * 1000)

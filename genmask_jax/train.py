@@ -21,7 +21,7 @@ import optax
 from absl import logging
 from flax import struct
 
-from genmask_jax import checkpointing, evaluate, sharding, weights
+from genmask_jax import checkpointing, distributed, evaluate, sharding, weights
 from genmask_jax.diffusion import losses, tasks
 from genmask_jax.genmask import Models, frozen_vae_params
 from genmask_jax.masks import mask_to_image
@@ -210,9 +210,13 @@ def train(
     tasks = 1 + bool(config.data.generation.sources)
     samples_per_step = tasks * config.data.segmentation.batch_size * jax.process_count()
     writer = MetricWriter(workdir, config.total_steps, samples_per_step, config.log_every)
+    first_step = int(state.step) + 1
     try:
-      for step in range(int(state.step) + 1, config.total_steps + 1):
+      for step in range(first_step, config.total_steps + 1):
         batch = device_batch(next(batches), mesh)
+        if step == first_step:  # Compile first, then all processes start stepping together.
+          step_fn = step_fn.lower(state, frozen_vae, batch, rng).compile()
+          distributed.wait_for_peers("train_step_compiled")
         state, metrics = step_fn(state, frozen_vae, batch, rng)
         metrics = {k: float(v) for k, v in jax.device_get(metrics).items()}
         check_finite(step, metrics)
