@@ -5,8 +5,8 @@ r"""The paper's ablations at toy scale on the synthetic set: one row per variant
 Reuses (or makes) the demo's data, VLM features and frozen VAE under --workdir, trains each
 variant of configs/demo.py for --steps steps (default: the demo's) under
 --workdir/ablations/<name> (a re-run resumes or skips finished variants) and evaluates it on the
-held-out expressions. The paper's direction
-need not reproduce at this scale; the table reports what is measured.
+held-out expressions. The paper's direction need not reproduce at this scale; the table reports
+what is measured.
 """
 
 from __future__ import annotations
@@ -43,7 +43,7 @@ def run_variant(name: str, overrides: dict, workdir: str, steps: int) -> dict[st
   config = get_config()
   demo.prepare(config, workdir)
   with config.unlocked():
-    config.total_steps = steps or config.total_steps
+    config.total_steps = steps
     for path, value in overrides.items():
       *parents, leaf = path.split(".")
       node = config
@@ -68,8 +68,8 @@ def main(argv: list[str]) -> None:
   log_filter.quiet_library_logs()
   workdir = os.path.abspath(demo.WORKDIR.value)
   names = [n for n in VARIANTS if not _ONLY.value or n in _ONLY.value]
-  rows = {n: run_variant(n, VARIANTS[n], workdir, _STEPS.value) for n in names}
   steps = _STEPS.value or get_config().total_steps
+  rows = {n: run_variant(n, VARIANTS[n], workdir, steps) for n in names}
   device = jax.devices()[0].device_kind
   print(f"\nToy-scale ablations, {steps} steps each, held-out expressions ({device})")
   print(f"{'variant':32s} {'mIoU':>7s} {'oIoU':>7s} {'P@0.5':>7s}")

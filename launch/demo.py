@@ -48,7 +48,6 @@ _CONFIG = config_flags.DEFINE_config_file("config", "configs/demo.py", "Demo con
 WORKDIR = flags.DEFINE_string("workdir", "runs/demo", "Everything the demo writes.")
 
 HELDOUT_CAPTIONS_SEED = 1  # Generation scenes the DiT never saw.
-SPLIT_STORES = {"heldout": "heldout", "train": "train_eval"}  # Evaluated split -> its store.
 
 
 def run_module(*args: str) -> None:
@@ -227,9 +226,9 @@ def main(argv: list[str]) -> None:
     )  # fmt: skip
 
   rows = {"GenMask (trained)": trained, "GenMask (initialization)": at_init}
-  for split in ("heldout", "train"):
-    for name, result in baselines(store[SPLIT_STORES[split]]["records"]).items():
-      rows.setdefault(name, {})[split] = result
+  for split in config.eval.splits:
+    for name, result in baselines(split["records"]).items():
+      rows.setdefault(name, {})[split["name"]] = result
   summary = {
     name: {split: {k: r[k] for k in ("gIoU", "cIoU", "Prec@0.5")} for split, r in row.items()}
     for name, row in rows.items()

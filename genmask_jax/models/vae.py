@@ -5,9 +5,9 @@ front of the data, so only the last temporal tap of its kernel contributes: the 
 a 2D conv with that tap. The temporal resample convs never run for the first (here: only) chunk.
 This module is that 2D network, exact for images; see reference/wan21_port_facts.md section 3.
 
-Images are (B, H, W, 3) in [-1, 1] with H and W multiples of the spatial stride (8 for WAN's four
-stages, `2 ** (len(dim_mult) - 1)` in general); latents are (B, H/8, W/8, z_dim), normalized per
-channel with WAN's published means and standard deviations.
+Images are (B, H, W, 3) in [-1, 1] with H and W multiples of the spatial stride s (8 for WAN's
+four stages, `2 ** (len(dim_mult) - 1)` in general); latents are (B, H/s, W/s, z_dim), normalized
+per channel with WAN's published means and standard deviations.
 """
 
 from __future__ import annotations
@@ -209,15 +209,14 @@ class WanVAE(nn.Module):
     return jnp.asarray(self.latents_mean, f32), jnp.asarray(self.latents_std, f32)
 
   def encode(self, images: jax.Array) -> jax.Array:
-    """Images (B, H, W, 3) in [-1, 1] -> normalized latents (B, H/8, W/8, z_dim), fp32 (8: the
-    spatial stride of WAN's dim_mult)."""
+    """Images (B, H, W, 3) in [-1, 1] -> normalized latents (B, H/s, W/s, z_dim), fp32."""
     _check_shape(images, "images", 3, spatial_stride(self.dim_mult))
     mu = self.quant_conv(self.encoder(images))[..., : self.z_dim].astype(f32)
     mean, std = self._stats()
     return (mu - mean) / std
 
   def decode(self, latents: jax.Array) -> jax.Array:
-    """Normalized latents (B, h, w, z_dim) -> images (B, 8h, 8w, 3) clipped to [-1, 1], fp32."""
+    """Normalized latents (B, h, w, z_dim) -> images (B, s h, s w, 3) clipped to [-1, 1], fp32."""
     _check_shape(latents, "latents", self.z_dim)
     mean, std = self._stats()
     z = (latents.astype(f32) * std + mean).astype(jnp.dtype(self.dtype))
