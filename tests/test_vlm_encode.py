@@ -33,6 +33,16 @@ def test_tiny_checkpoint_is_seeded(vlm, tmp_path):
   assert processor.tokenizer.eos_token == "<|im_end|>"
 
 
+def test_synthetic_set_words_are_whole_tokens(vlm):
+  """Like a real Qwen vocabulary, the tiny one holds the shapes set's words as single tokens."""
+  _, _, processor = vlm
+  text = (
+    "the small green circle to the left of the purple square and a large triangle below the topmost"
+  )
+  ids = processor.tokenizer(" " + text, add_special_tokens=False)["input_ids"]
+  assert [processor.tokenizer.decode([i]) for i in ids] == [f" {w}" for w in text.split()]
+
+
 def test_chat_prefix_is_the_system_turn_and_user_header(vlm):
   _, _, processor = vlm
   prefix = prompts.chat_prefix_ids(processor.tokenizer)

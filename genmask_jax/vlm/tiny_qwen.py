@@ -13,6 +13,8 @@ from __future__ import annotations
 import argparse
 import itertools
 
+from genmask_jax.data import synthetic
+
 QWEN_SPECIAL_TOKENS = (
   "<|endoftext|>",
   "<|im_start|>",
@@ -49,8 +51,24 @@ _THINGS = ("cat", "dog", "person", "car", "chair", "bird", "horse", "cup", "tree
 _PLACES = ("on the left", "on the right", "in the middle", "near the table", "on the grass")
 
 
+def _scene_phrases() -> list[str]:
+  """Phrases in the words of the synthetic shapes set, so that these words become whole tokens,
+  as they are in a real Qwen vocabulary (not byte pieces that the DiT would have to reassemble:
+  without them "circle" is ' c', 'ir', 'c', 'le' and ends like "triangle" and "purple")."""
+  shapes = [
+    f"{size} {color} {kind}"
+    for size, color, kind in itertools.product(synthetic.SIZES, synthetic.COLORS, synthetic.KINDS)
+  ]
+  places = [*synthetic.EXTREMES, *(f"shape {r} the" for r in synthetic.RELATIONS)]
+  captions = [
+    f"{a}, a {b} and a {c}" for a, b, c in zip(shapes, shapes[1:], shapes[2:], strict=False)
+  ]
+  return [*shapes, *captions, *(f"the {p} {kind}" for p in places for kind in synthetic.KINDS)]
+
+
 def _training_corpus() -> list[str]:
   phrases = [f"{c} {t} {p}" for c, t, p in itertools.product(_COLORS, _THINGS, _PLACES)]
+  phrases += _scene_phrases()
   return [
     "You are a helpful assistant.",
     "Describe the object that should be segmented to answer the question.",
