@@ -51,6 +51,6 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     vae_batch_size=16,
     vae_lr=2e-3,
     vae_crop=16,  # Random 16x16 windows (4x4 latents): a sixteenth of the cost per step.
-    vae_statistics_samples=1024,  # Images and masks the latent mean and std are measured on.
+    vae_statistics_samples=1024,  # At least this many images and masks give the latent stats.
   )
   return config

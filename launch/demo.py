@@ -114,7 +114,7 @@ def make_vae(config, vae_dir: str, records_dir: str) -> dict:
     seed=0,
     crop=demo.vae_crop,
   )
-  every = max(len(both) // demo.vae_statistics_samples, 1)  # As many images as masks.
+  every = max(len(both) // demo.vae_statistics_samples, 1)  # A stride: images and masks alike.
   mean, std = vae_training.latent_statistics(vae, params, both[::every])
   logging.info("VAE: %d steps in %.0f s, final loss %.4f", demo.vae_steps, time.time() - start,
                np.mean(losses[-20:]))  # fmt: skip
