@@ -44,6 +44,8 @@ def wan_dit(size: str = "1.3b") -> ml_collections.ConfigDict:
     attention_block_sizes=dict(attention.SPLASH_BLOCK_SIZES),  # splash tiles
     # none | full | dots | dots_no_batch | save_attention | save_attention_ffn
     remat_policy="none",
+    # Layers per iteration of the layer scan; num_layers unrolls it into straight-line code.
+    scan_unroll=1,
   )
   return ml_collections.ConfigDict(cfg)
 

@@ -66,13 +66,22 @@ class TrainCheckpoints:
 
   def restore(self, step: int, abstract_state: Any, data_iterator: Any) -> Any:
     """The train state at `step`, in the shardings of `abstract_state`; rewinds `data_iterator`."""
-    restored = self.manager.restore(
-      step,
-      args=ocp.args.Composite(
-        state=_restore_args(abstract_state),
-        data=grain.checkpoint.CheckpointRestore(data_iterator),
-      ),
-    )
+    try:
+      restored = self.manager.restore(
+        step,
+        args=ocp.args.Composite(
+          state=_restore_args(abstract_state),
+          data=grain.checkpoint.CheckpointRestore(data_iterator),
+        ),
+      )
+    except ValueError as e:
+      if "tree structures do not match" not in str(e):
+        raise
+      raise ValueError(
+        f"{self.manager.directory}/{step}: the saved train state does not have the layout this "
+        "config makes (a different model, optimizer or segmentation loss?); resume with the "
+        f"config it was trained with, or start a new workdir. Orbax: {e}"
+      ) from e
     return restored.state
 
   def restore_params(self, step: int, abstract_params: Any) -> Any:

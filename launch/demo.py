@@ -79,13 +79,13 @@ def make_data(demo, data_dir: str) -> None:
 def make_features(vlm_dir: str, data_dir: str, features_dir: str, splits) -> None:
   if not os.path.exists(os.path.join(vlm_dir, "config.json")):
     save_tiny_qwen(vlm_dir, seed=0)
-  for split in splits:
-    if not os.path.exists(os.path.join(features_dir, split, "manifest.json")):
-      run_module(
-          "launch.precompute_vlm", f"--samples={os.path.join(data_dir, split)}",
-          f"--checkpoint={vlm_dir}", f"--out={os.path.join(features_dir, split)}",
-          "--batch_size=64", "--store_dtype=float16",
-      )  # fmt: skip
+  todo = [s for s in splits if not os.path.exists(os.path.join(features_dir, s, "manifest.json"))]
+  if todo:  # One process (one model load) for every store.
+    run_module(
+        "launch.precompute_vlm", f"--samples={','.join(os.path.join(data_dir, s) for s in todo)}",
+        f"--checkpoint={vlm_dir}", f"--out={','.join(os.path.join(features_dir, s) for s in todo)}",
+        "--batch_size=64", "--store_dtype=float16",
+    )  # fmt: skip
 
 
 def training_images(records_dir: str) -> tuple[np.ndarray, np.ndarray]:

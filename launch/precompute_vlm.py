@@ -6,10 +6,11 @@ r"""Encodes a sample store with a frozen Qwen2.5-VL into a feature store (PyTorc
 
 Segmentation samples become the image plus "Please segment the {target} in the image.",
 generation samples the caption alone (paper 2.3); the final-layer hidden states of the kept
-tokens (genmask_jax/vlm/prompts.py) are stored as bf16/fp16 under the sample id.
-Worker i of n encodes the i-th contiguous slice of the sample store in shards of
---shard_size samples; re-running the same command skips finished shards, and whichever worker
-finishes last writes the manifest that makes the store readable. --reasoning first asks the VLM
+tokens (genmask_jax/vlm/prompts.py) are stored as bf16/fp16 under the sample id. Several stores
+(--samples=a,b --out=fa,fb, in pairs) share one loaded model. Worker i of n encodes the i-th
+contiguous slice of each sample store in shards of --shard_size samples; re-running the same
+command skips finished shards, and whichever worker finishes a store last writes the manifest
+that makes it readable. --reasoning first asks the VLM
 to rewrite each segmentation query into an explicit target description and encodes that.
 """
 
@@ -32,9 +33,11 @@ from genmask_jax.data.features import (
 from genmask_jax.data.records import TASKS, RecordReader, decode_image
 from genmask_jax.vlm import encode, prompts
 
-_SAMPLES = flags.DEFINE_string("samples", None, "Sample store directory.", required=True)
+_SAMPLES = flags.DEFINE_list("samples", None, "Sample store directories.", required=True)
 _CHECKPOINT = flags.DEFINE_string("checkpoint", None, "Qwen2.5-VL directory.", required=True)
-_OUT = flags.DEFINE_string("out", None, "Feature store directory.", required=True)
+_OUT = flags.DEFINE_list(
+  "out", None, "Feature store directories, one per --samples.", required=True
+)
 _MODEL_ID = flags.DEFINE_string("model_id", None, "Encoder name recorded; default: dir name.")
 _BATCH_SIZE = flags.DEFINE_integer("batch_size", 8, "Prompts per forward pass.")
 _SHARD_SIZE = flags.DEFINE_integer("shard_size", 256, "Samples per output shard.")
@@ -116,10 +119,9 @@ def precompute(
   return writer.finalize()
 
 
-def main(argv: list[str]) -> None:
-  del argv
-  samples = RecordReader(_SAMPLES.value)
-  model, processor = encode.load_vlm(_CHECKPOINT.value, _DEVICE.value, _DTYPE.value)
+def precompute_store(model, processor, samples_dir: str, out_dir: str) -> None:
+  """This worker's share of one sample store; the manifest too if the store is then complete."""
+  samples = RecordReader(samples_dir)
   meta = FeatureMeta(
     model_id=_MODEL_ID.value or os.path.basename(os.path.normpath(_CHECKPOINT.value)),
     prompt_template=prompts.prompt_template(_REASONING.value),
@@ -127,7 +129,7 @@ def main(argv: list[str]) -> None:
     hidden_size=model.config.text_config.hidden_size,
   )
   layout = StoreLayout(len(samples), _NUM_WORKERS.value, _SHARD_SIZE.value)
-  writer = FeatureWriter(_OUT.value, meta, layout, _WORKER_INDEX.value)
+  writer = FeatureWriter(out_dir, meta, layout, _WORKER_INDEX.value)
   done = precompute(
     model,
     processor,
@@ -140,12 +142,24 @@ def main(argv: list[str]) -> None:
   )
   if not done:
     logging.info(
-      "%s: worker %d done; other workers' shards are missing", _OUT.value, _WORKER_INDEX.value
+      "%s: worker %d done; other workers' shards are missing", out_dir, _WORKER_INDEX.value
     )
     return
-  if FeatureReader(_OUT.value).ids() != samples.ids():
-    raise FeatureError(f"{_OUT.value}: feature ids are not those of {_SAMPLES.value} in order")
-  logging.info("%s: complete, %d samples", _OUT.value, len(samples))
+  if FeatureReader(out_dir).ids() != samples.ids():
+    raise FeatureError(f"{out_dir}: feature ids are not those of {samples_dir} in order")
+  logging.info("%s: complete, %d samples", out_dir, len(samples))
+
+
+def main(argv: list[str]) -> None:
+  del argv
+  if len(_SAMPLES.value) != len(_OUT.value):
+    raise app.UsageError(
+      f"--samples names {len(_SAMPLES.value)} stores and --out {len(_OUT.value)}; "
+      "give one --out per --samples, in the same order"
+    )
+  model, processor = encode.load_vlm(_CHECKPOINT.value, _DEVICE.value, _DTYPE.value)
+  for samples_dir, out_dir in zip(_SAMPLES.value, _OUT.value, strict=True):
+    precompute_store(model, processor, samples_dir, out_dir)
 
 
 if __name__ == "__main__":

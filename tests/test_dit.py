@@ -308,17 +308,25 @@ def test_jit_bf16_runs_close_to_fp32(converted):
 
 
 @pytest.mark.parametrize(
-  "policy", ["full", "dots", "dots_no_batch", "save_attention", "save_attention_ffn"]
+  "overrides",
+  [
+    *(
+      {"remat_policy": p}
+      for p in ("full", "dots", "dots_no_batch", "save_attention", "save_attention_ffn")
+    ),
+    {"scan_unroll": 2},  # The tiny DiT's two layers as straight-line code.
+    {"scan_unroll": 2, "remat_policy": "full"},
+  ],
 )
-def test_remat_policies_same_loss_and_grads(converted, policy):
+def test_remat_and_unroll_same_loss_and_grads(converted, overrides):
   cfg, _, _ = setup()
   x, context = inputs(np.random.default_rng(5), 2, 1, 4, 4)
   t = jnp.array([700.0, 300.0])
 
-  def loss(params, remat_policy):
-    model = WanDiT(**{**cfg.to_dict(), "remat_policy": remat_policy})
+  def loss(params, overrides):
+    model = WanDiT(**{**cfg.to_dict(), **overrides})
     return jnp.mean(model.apply({"params": params}, x, t, context) ** 2)
 
-  base = jax.value_and_grad(loss)(converted["diffusers"], "none")
-  other = jax.value_and_grad(loss)(converted["diffusers"], policy)
+  base = jax.value_and_grad(loss)(converted["diffusers"], {})
+  other = jax.value_and_grad(loss)(converted["diffusers"], overrides)
   jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, atol=1e-6, rtol=1e-5), base, other)

@@ -210,3 +210,16 @@ def test_bce_formats_train_and_evaluate(root, tmp_path, segmentation_loss):
   steps = [r for r in records if "loss/segmentation" in r]
   assert len(steps) == 2 and all(np.isfinite(r["loss"]) for r in steps)
   assert any(k.startswith("eval/synthetic_train/gIoU") for r in records for k in r)
+
+
+def test_resume_with_another_state_layout_names_the_checkpoint(root, tmp_path):
+  config = get_config(root)
+  config.total_steps = 2
+  config.checkpoint.async_save = False
+  config.mesh = dict(data=1, fsdp=-1, tensor=1)
+  workdir = str(tmp_path / "layout")
+  train.train(config, workdir)
+  config.total_steps = 3  # The linear-BCE format adds a mask head to the trained parameters.
+  config.diffusion.segmentation_loss, config.segment.decoder = "linear_bce", "linear"
+  with pytest.raises(ValueError, match=r"checkpoints/2: the saved train state does not have"):
+    train.train(config, workdir)

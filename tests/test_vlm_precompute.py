@@ -160,22 +160,18 @@ def test_reasoning_mode_encodes_and_stores_the_rewrite(vlm, sample_store, tmp_pa
 
 
 def test_command_line(vlm, sample_store, full_store, tmp_path):
-  out = tmp_path / "features"
-  result = subprocess.run(
-    [
-      sys.executable,
-      "-m",
-      "launch.precompute_vlm",
-      f"--samples={sample_store}",
-      f"--checkpoint={vlm[0]}",
-      f"--out={out}",
-      f"--model_id={MODEL_ID}",
-      "--batch_size=2",
-      "--shard_size=2",
-    ],
-    capture_output=True,
-    text=True,
-    timeout=300,
-  )
+  """Two stores in one process (one model load); --samples and --out must pair up."""
+
+  def run(samples, outs):
+    command = [sys.executable, "-m", "launch.precompute_vlm", f"--checkpoint={vlm[0]}"]
+    command += [f"--samples={','.join(samples)}", f"--out={','.join(map(str, outs))}"]
+    command += [f"--model_id={MODEL_ID}", "--batch_size=2", "--shard_size=2"]
+    return subprocess.run(command, capture_output=True, text=True, timeout=300)
+
+  outs = [tmp_path / "a", tmp_path / "b"]
+  result = run([sample_store, sample_store], outs)
   assert result.returncode == 0, result.stderr
-  assert store_files(out) == store_files(full_store)
+  for out in outs:
+    assert store_files(out) == store_files(full_store)
+  result = run([sample_store, sample_store], [tmp_path / "c"])
+  assert result.returncode != 0 and "give one --out per --samples" in result.stderr

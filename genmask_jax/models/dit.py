@@ -200,6 +200,7 @@ class WanDiT(nn.Module):
   attention: str = "xla"
   attention_block_sizes: Mapping[str, int | bool] | None = None  # Splash tiles; None: defaults.
   remat_policy: str = "none"
+  scan_unroll: int = 1
 
   def _blocks(self) -> nn.Module:
     block = Block
@@ -216,6 +217,7 @@ class WanDiT(nn.Module):
       split_rngs={"params": True},
       in_axes=(nn.broadcast,) * 5,
       length=self.num_layers,
+      unroll=self.scan_unroll,
       metadata_params={nn.PARTITION_NAME: "layers"},
     )(
       self.dim,
