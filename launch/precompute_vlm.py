@@ -10,8 +10,8 @@ tokens (genmask_jax/vlm/prompts.py) are stored as bf16/fp16 under the sample id.
 (--samples=a,b --out=fa,fb, in pairs) share one loaded model. Worker i of n encodes the i-th
 contiguous slice of each sample store in shards of --shard_size samples; re-running the same
 command skips finished shards, and whichever worker finishes a store last writes the manifest
-that makes it readable. --reasoning first asks the VLM
-to rewrite each segmentation query into an explicit target description and encodes that.
+that makes it readable. --reasoning first asks the VLM to rewrite each segmentation query into an
+explicit target description and encodes that.
 """
 
 from __future__ import annotations

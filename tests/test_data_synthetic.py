@@ -45,15 +45,14 @@ def _referents(text, shapes):
 
 
 @pytest.fixture(scope="module")
-def generated():
+def samples():
   return {
     split: list(synthetic.samples(split, n, seed=5))
     for split, n in [("train", 600), ("val", 100), ("heldout", 200), ("gen", 100)]
   }
 
 
-def test_reproducible_and_order_free(generated):
-  samples = generated
+def test_reproducible_and_order_free(samples):
   again = list(synthetic.samples("train", 40, seed=5))
   assert again == samples["train"][:40]
   assert synthetic.segmentation_sample("train", 33, seed=5) == samples["train"][33]
@@ -63,8 +62,7 @@ def test_reproducible_and_order_free(generated):
   assert len(set(ids)) == len(ids)
 
 
-def test_expressions_single_out_the_target(generated):
-  samples = generated
+def test_expressions_single_out_the_target(samples):
   types = set()
   for split in ("train", "val", "heldout"):
     for s in samples[split]:
@@ -75,8 +73,7 @@ def test_expressions_single_out_the_target(generated):
   assert types == {"attribute", "extreme", "relation"}
 
 
-def test_masks_cover_the_target_shape(generated):
-  samples = generated
+def test_masks_cover_the_target_shape(samples):
   for s in samples["train"][:100]:
     image, mask = records.decode_image(s), records.decode_mask(s)
     kind, color, size, row, col = s["source"]["shapes"][s["source"]["target"]]
@@ -91,8 +88,7 @@ def test_masks_cover_the_target_shape(generated):
   assert set(np.unique(records.decode_mask(samples["train"][0]))) == {0, 1}
 
 
-def test_held_out_pairs_are_segmented_only_in_heldout(generated):
-  samples = generated
+def test_held_out_pairs_are_segmented_only_in_heldout(samples):
   held = set(synthetic.HELD_OUT)
 
   def target(s):
@@ -111,8 +107,7 @@ def test_held_out_pairs_are_segmented_only_in_heldout(generated):
   assert held <= pairs("gen")
 
 
-def test_captions_list_every_shape(generated):
-  samples = generated
+def test_captions_list_every_shape(samples):
   for s in samples["gen"]:
     shapes = sorted(s["source"]["shapes"], key=lambda sh: (sh[3], sh[4]))
     parts = [f"a {size} {color} {kind}" for kind, color, size, _, _ in shapes]
