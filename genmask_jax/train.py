@@ -1,8 +1,9 @@
 """GenMask training: one jitted, sharded step over a segmentation and a generation sub-batch.
 
 Read top to bottom: the train state and its shardings, the step, the loop. The frozen VAE
-encodes images and masks inside the step; the DiT (and, for the linear-BCE format, a linear
-mask head) are the only trained parameters.
+encodes images and masks inside the step, unless the data carry their latents from a latent
+store (data/latents.py); the DiT (and, for the linear-BCE format, a linear mask head) are the
+only trained parameters.
 """
 
 from __future__ import annotations
@@ -22,15 +23,22 @@ from absl import logging
 from flax import struct
 
 from genmask_jax import checkpointing, distributed, evaluate, sharding, weights
+from genmask_jax.data import latents
+from genmask_jax.data.records import TASKS
 from genmask_jax.diffusion import losses, tasks
 from genmask_jax.genmask import Models, frozen_vae_params
 from genmask_jax.masks import mask_to_image
 from genmask_jax.metric_writer import MetricWriter
 from genmask_jax.optimizer import learning_rate, make_optimizer
 
-# What the step reads of a data sub-batch (the rest stays on the host).
+# What the step reads of a data sub-batch (the rest stays on the host); latents from a latent
+# store replace the image.
 SEGMENTATION_KEYS = ("image", "mask", "text", "text_mask")
 GENERATION_KEYS = ("image", "text", "text_mask")
+STORED_LATENT_KEYS = {
+  "segmentation": ("image_latents", "mask_latents"),
+  "generation": ("image_latents",),
+}
 
 
 class NonFiniteError(FloatingPointError):
@@ -81,19 +89,26 @@ def initial_train_state(models, config, optimizer, mesh, rules) -> TrainState:
 
 def encode_batch(models: Models, vae_params, sub_batch: dict, task: int) -> dict:
   """A data sub-batch as the loss sees it: clean latents, task ids, text, condition latents."""
-  n = sub_batch["image"].shape[0]
+
+  def latents(name: str) -> jax.Array:  # Of "image" or "mask": stored, or encoded here.
+    if f"{name}_latents" in sub_batch:
+      return sub_batch[f"{name}_latents"][:, None]
+    pixels = sub_batch[name]
+    return models.encode(vae_params, mask_to_image(pixels) if name == "mask" else pixels)
+
+  n = sub_batch["text"].shape[0]
   out = {
     "task": jnp.full((n,), task, jnp.int32),
     "context": sub_batch["text"],
     "context_mask": sub_batch["text_mask"],
   }
   if task == tasks.SEGMENTATION:
-    out["latents"] = models.encode(vae_params, mask_to_image(sub_batch["mask"]))
+    out["latents"] = latents("mask")
     out["mask"] = sub_batch["mask"]
     if models.use_condition_tokens:
-      out["cond"] = models.encode(vae_params, sub_batch["image"])
+      out["cond"] = latents("image")
   else:
-    out["latents"] = models.encode(vae_params, sub_batch["image"])
+    out["latents"] = latents("image")
   return out
 
 
@@ -157,10 +172,22 @@ def compile_train_step(models, config, optimizer, state_shardings, mesh):
 def device_batch(host_batch: dict[str, dict[str, np.ndarray]], mesh) -> dict:
   """The step's inputs as global arrays, from this process's share of the batch."""
   keys = {"segmentation": SEGMENTATION_KEYS, "generation": GENERATION_KEYS}
-  return {
-    task: sharding.global_batch({k: part[k] for k in keys[task]}, mesh)
-    for task, part in host_batch.items()
-  }
+  batch = {}
+  for task, part in host_batch.items():
+    names = list(keys[task])
+    if STORED_LATENT_KEYS[task][0] in part:
+      names = [k for k in names if k != "image"] + list(STORED_LATENT_KEYS[task])
+    batch[task] = sharding.global_batch({k: part[k] for k in names}, mesh)
+  return batch
+
+
+def check_latent_stores(config: ml_collections.ConfigDict, models: Models, vae_params) -> None:
+  """Refuses latent stores that another VAE (or VAE config) than this run's encoded."""
+  stores = [s["latents"] for t in TASKS for s in config.data[t].sources if s.get("latents")]
+  if stores:
+    fingerprint = latents.vae_fingerprint(models.vae, vae_params)
+    for path in stores:
+      latents.check_vae(path, fingerprint)
 
 
 def check_finite(step: int, metrics: dict[str, float]) -> None:
@@ -205,6 +232,7 @@ def train(
       logging.info("resuming from step %d", latest)
       state = ckpt.restore(latest, abstract, batches)
     frozen_vae = frozen_vae_params(models, config, mesh, rules)
+    check_latent_stores(config, models, frozen_vae)
     step_fn = compile_train_step(models, config, optimizer, shardings, mesh)
     rng = jax.random.key(config.seed + 2)
     tasks = 1 + bool(config.data.generation.sources)

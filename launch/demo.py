@@ -4,7 +4,8 @@ r"""The CPU demo: every stage of the real GenMask pipeline at toy scale, no down
 
 1. generates the synthetic referring-segmentation and captioning data (launch/prepare_data.py);
 2. builds a tiny random Qwen2.5-VL and precomputes its features (launch/precompute_vlm.py);
-3. trains a small WAN-layout VAE by reconstruction, then freezes it;
+3. trains a small WAN-layout VAE by reconstruction, freezes it and stores the training
+   latents (launch/precompute_latents.py);
 4. trains a small GenMask DiT with the paper's recipe (genmask_jax.train);
 5. evaluates one-step segmentation on held-out expressions (and, to show fit, on training
    scenes) against two baselines and generates images from held-out captions;
@@ -14,6 +15,7 @@ Each stage reuses what a previous run left, so re-running continues instead of s
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import subprocess
@@ -29,6 +31,7 @@ from ml_collections import config_flags
 from PIL import Image
 
 from genmask_jax import (
+  encode_latents,
   evaluate,
   inference,
   log_filter,
@@ -186,16 +189,18 @@ def prepare(config, workdir: str) -> dict[str, dict[str, str]]:
   }
   vae_dir = os.path.join(workdir, "vae")
   statistics = make_vae(config, vae_dir, store["train"]["records"])
+  latents_dir = functools.partial(os.path.join, workdir, "latents")
   with config.unlocked():
     config.vae.latents_mean = tuple(statistics["mean"])
     config.vae.latents_std = tuple(statistics["std"])
     config.init.vae_weights = vae_dir
-    config.data.segmentation.sources = [store["train"]]
-    config.data.generation.sources = [store["gen"]]
+    config.data.segmentation.sources = [dict(store["train"], latents=latents_dir("train"))]
+    config.data.generation.sources = [dict(store["gen"], latents=latents_dir("gen"))]
     config.eval.splits = [
       dict(name="heldout", **store["heldout"]),
       dict(name="train", **store["train_eval"]),
     ]
+  encode_latents.precompute(config, batch_size=64)
   return store
 
 

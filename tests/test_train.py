@@ -10,6 +10,7 @@ import time
 import jax
 import numpy as np
 import pytest
+from conftest import fake_devices
 from flax import linen as nn
 from train_config import get_config
 from training_data import make_stores
@@ -22,7 +23,7 @@ ENV = dict(os.environ, PYTHONPATH=".:tests", JAX_PLATFORMS="cpu")
 
 
 def cli(root, workdir, devices=8, *overrides):
-  env = dict(ENV, XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}")
+  env = dict(ENV, XLA_FLAGS=fake_devices(devices))
   command = [sys.executable, "-m", "genmask_jax.main", f"--config=tests/train_config.py:{root}"]
   return command + [f"--workdir={workdir}", *overrides], env
 
@@ -105,7 +106,7 @@ def test_two_processes_match_one(root, tmp_path):
   """2 processes x 4 fake devices (jax.distributed on 127.0.0.1) == 1 process x 8 devices."""
 
   def worker(workdir, n, i, port):
-    env = dict(ENV, XLA_FLAGS="--xla_force_host_platform_device_count=" + str(8 // n))
+    env = dict(ENV, XLA_FLAGS=fake_devices(8 // n))
     args = [
       sys.executable,
       "tests/multiprocess_worker.py",

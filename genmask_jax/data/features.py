@@ -87,7 +87,8 @@ def check_meta(meta: FeatureMeta, model_id: str, prompt_template: str) -> None:
     )
 
 
-def _atomic_write(path: str, write: Callable[[str], None]) -> None:
+def atomic_write(path: str, write: Callable[[str], None]) -> None:
+  """`write(tmp)` then an atomic rename to `path`: readers never see a partial file."""
   # A unique temp name: workers on several hosts may share the directory.
   fd, tmp = tempfile.mkstemp(dir=os.path.dirname(path), prefix=os.path.basename(path) + ".tmp-")
   os.close(fd)
@@ -95,26 +96,27 @@ def _atomic_write(path: str, write: Callable[[str], None]) -> None:
   os.replace(tmp, path)
 
 
-def _write_json(path: str, obj) -> None:
+def write_json(path: str, obj) -> None:
   def write(tmp: str) -> None:
     with open(tmp, "w") as f:
       json.dump(obj, f)
 
-  _atomic_write(path, write)
+  atomic_write(path, write)
 
 
-def _read_json(path: str) -> dict:
+def read_json(path: str, error: type[Exception] = FeatureError):
+  """The JSON object in `path`; `error` (naming the file) if it is missing or malformed."""
   try:
     with open(path) as f:
       return json.load(f)
   except FileNotFoundError as e:
-    raise FeatureError(f"{path} does not exist") from e
+    raise error(f"{path} does not exist") from e
   except json.JSONDecodeError as e:
-    raise FeatureError(f"{path}: not valid JSON ({e})") from e
+    raise error(f"{path}: not valid JSON ({e})") from e
 
 
 def _read_meta(path: str) -> tuple[FeatureMeta, StoreLayout]:
-  obj = _read_json(os.path.join(path, META_FILE))
+  obj = read_json(os.path.join(path, META_FILE))
   try:
     meta = FeatureMeta(**obj["meta"])
     layout = StoreLayout(**obj["layout"])
@@ -170,7 +172,7 @@ class FeatureWriter:
     self.path, self.meta, self.layout, self.worker_index = path, meta, layout, worker_index
     os.makedirs(path, exist_ok=True)
     if not os.path.exists(os.path.join(path, META_FILE)):
-      _write_json(
+      write_json(
         os.path.join(path, META_FILE),
         {"meta": dataclasses.asdict(meta), "layout": dataclasses.asdict(layout)},
       )
@@ -227,8 +229,8 @@ class FeatureWriter:
 
     base = self._shard_path(self.worker_index, shard_index)
     # The ids first: a shard counts as written once its .array_record exists.
-    _write_json(base + ".ids.json", [item.id for item in items])
-    _atomic_write(base + ".array_record", write)
+    write_json(base + ".ids.json", [item.id for item in items])
+    atomic_write(base + ".array_record", write)
 
   def finalize(self) -> bool:
     """Writes the manifest once every worker's shards exist; returns whether the store is done."""
@@ -240,7 +242,7 @@ class FeatureWriter:
         if not os.path.exists(base + ".array_record"):
           return False
         shards.append(
-          {"file": os.path.basename(base) + ".array_record", "ids": _read_json(base + ".ids.json")}
+          {"file": os.path.basename(base) + ".array_record", "ids": read_json(base + ".ids.json")}
         )
     ids = [i for shard in shards for i in shard["ids"]]
     if len(ids) != self.layout.num_samples or len(set(ids)) != len(ids):
@@ -248,7 +250,7 @@ class FeatureWriter:
         f"{self.path}: shards hold {len(ids)} ids ({len(set(ids))} distinct), "
         f"expected {self.layout.num_samples} distinct"
       )
-    _write_json(os.path.join(self.path, MANIFEST_FILE), {"shards": shards})
+    write_json(os.path.join(self.path, MANIFEST_FILE), {"shards": shards})
     return True
 
 
@@ -264,7 +266,7 @@ class FeatureReader:
         f"{path}: no {MANIFEST_FILE}, the store is incomplete: finish (or resume) "
         "launch/precompute_vlm.py for every worker"
       )
-    shards = _read_json(manifest_path)["shards"]
+    shards = read_json(manifest_path)["shards"]
     self._files = [os.path.join(path, shard["file"]) for shard in shards]
     self._ids = [i for shard in shards for i in shard["ids"]]
     self._index = {

@@ -1,4 +1,5 @@
-"""grain input pipelines: samples joined with their VLM features, decoded, resized and padded.
+"""grain input pipelines: samples joined with their VLM features (and latents), decoded,
+resized and padded.
 
 Every sample store (records.py) is paired with a feature store (features.py) holding its ids,
 encoded by the configured model with the configured prompt template; anything else is an
@@ -13,6 +14,9 @@ error naming the store or the sample. One preprocessed example is
   size         int32 (2,): the original (height, width)
   resized_size int32 (2,): (height, width) of the image inside the padded square; a
                prediction is undone by cropping [:h, :w] and resizing to `size`
+  image_latents, mask_latents
+               float32 (R/s, R/s, z_dim), only for sources with a latent store (latents.py):
+               the VAE latents of `image` and of `mask`, read instead of encoded every step
 
 Training (`train_dataset`): every step holds a segmentation batch and a generation batch of
 the same per-process size B, each at its own resolution: {"segmentation": {...},
@@ -41,6 +45,7 @@ from grain.experimental import ZipMapDataset
 
 from genmask_jax.data import records
 from genmask_jax.data.features import FeatureError, FeatureReader, check_meta
+from genmask_jax.data.latents import LatentError, LatentReader
 from genmask_jax.vlm.prompts import prompt_template
 
 TEXT_DTYPES = {
@@ -56,6 +61,7 @@ def default_config() -> ml_collections.ConfigDict:
   def task() -> dict:
     return dict(
       # Each source: {"records": sample store dir, "features": feature store dir,
+      # "latents": optional latent store dir (all or none of a task's sources have one),
       # "weight": optional mixing weight (all or none of a task's sources have one)}.
       sources=[],
       resolution=512,
@@ -79,10 +85,19 @@ def default_config() -> ml_collections.ConfigDict:
 
 
 class JoinedSource:
-  """A sample store joined with its feature store by sample id; grain random access."""
+  """A sample store joined with its feature store by sample id (and its latent store, aligned
+  by index); grain random access."""
 
   def __init__(
-    self, records_dir: str, features_dir: str, *, task: str, model_id: str, template: str
+    self,
+    records_dir: str,
+    features_dir: str,
+    *,
+    task: str,
+    model_id: str,
+    template: str,
+    latents_dir: str | None = None,
+    resolution: int | None = None,
   ):
     self.samples = records.RecordReader(records_dir)
     self.features = FeatureReader(features_dir)
@@ -101,13 +116,30 @@ class JoinedSource:
         f"({len(missing)} samples missing): encode this sample store with "
         "launch/precompute_vlm.py"
       )
+    self.latents = None
+    if latents_dir:
+      self.latents = LatentReader(latents_dir)
+      meta = self.latents.meta
+      if (meta.task, meta.resolution) != (task, resolution):
+        raise LatentError(
+          f"{latents_dir} holds {meta.task} latents at resolution {meta.resolution}, expected "
+          f"{task} at {resolution}"
+        )
+      if self.latents.ids() != self.samples.ids():
+        raise LatentError(
+          f"{latents_dir}: its ids are not those of {records_dir} in order: re-run "
+          "launch/precompute_latents.py for this sample store"
+        )
 
   def __len__(self) -> int:
     return len(self.samples)
 
   def __getitem__(self, index: int) -> dict:
     sample = self.samples[index]
-    return {"sample": sample, "hidden": self.features.get(sample["id"])}
+    element = {"sample": sample, "hidden": self.features.get(sample["id"])}
+    if self.latents is not None:
+      element["latents"] = self.latents[index]
+    return element
 
 
 def resized_shape(height: int, width: int, resolution: int) -> tuple[int, int]:
@@ -129,18 +161,24 @@ def resize_and_pad(array: np.ndarray, resolution: int, nearest: bool) -> np.ndar
   return out
 
 
-def preprocess(element: Mapping, *, resolution: int, text_len: int, text_dtype: str) -> dict:
-  """One joined sample -> one example (see the module docstring)."""
-  sample, hidden = element["sample"], element["hidden"]
+def pixels(sample: Mapping, resolution: int) -> dict[str, np.ndarray]:
+  """A sample's image (and mask) as the model sees them, with their sizes (module docstring)."""
   image = records.decode_image(sample)
   h, w = image.shape[:2]
-  example = {
+  out = {
     "image": resize_and_pad(image, resolution, False).astype(np.float32) / 127.5 - 1,
     "size": np.array([h, w], np.int32),
     "resized_size": np.array(resized_shape(h, w, resolution), np.int32),
   }
   if sample["task"] == "segmentation":
-    example["mask"] = resize_and_pad(records.decode_mask(sample), resolution, True)
+    out["mask"] = resize_and_pad(records.decode_mask(sample), resolution, True)
+  return out
+
+
+def preprocess(element: Mapping, *, resolution: int, text_len: int, text_dtype: str) -> dict:
+  """One joined sample -> one example (see the module docstring)."""
+  sample, hidden = element["sample"], element["hidden"]
+  example = pixels(sample, resolution) | element.get("latents", {})
   if hidden.shape[0] > text_len:
     raise FeatureError(
       f"sample {sample['id']!r}: {hidden.shape[0]} text tokens exceed text_len={text_len}; "
@@ -170,6 +208,9 @@ def _task_examples(
   task_cfg = cfg[task]
   if not task_cfg.sources:
     raise ValueError(f"config: data.{task}.sources is empty")
+  with_latents = [bool(s.get("latents")) for s in task_cfg.sources]
+  if any(with_latents) and not all(with_latents):
+    raise ValueError(f"config: give every source of data.{task} a latent store, or none")
   joined = [
     JoinedSource(
       s["records"],
@@ -177,6 +218,8 @@ def _task_examples(
       task=task,
       model_id=cfg.encoder_model_id,
       template=cfg.prompt_template,
+      latents_dir=s.get("latents"),
+      resolution=task_cfg.resolution,
     )
     for s in task_cfg.sources
   ]

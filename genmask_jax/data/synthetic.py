@@ -2,9 +2,10 @@
 
 Each shape has a kind (circle, square, triangle), a color, a size (small, large) and a grid
 cell (shapes never overlap). A segmentation sample refers to one shape with an expression
-that only the text can resolve ("the red circle", "the leftmost shape", "the small blue
-square below the triangle"); `resolve` checks that exactly one shape matches. A generation
-sample captions the whole scene ("a small red circle and a large blue square").
+that only the text can resolve ("red circle", "leftmost shape", "small blue square below
+the triangle"; no leading article: the prompt template supplies it, as for RefCOCO
+expressions); `resolve` checks that exactly one shape matches. A generation sample captions
+the whole scene ("a small red circle and a large blue square").
 
 Splits: "train" and "val" scenes never contain the HELD_OUT (color, kind) pairs; "heldout"
 targets only those pairs, named by color and kind, to test composition. "gen" holds captioned
@@ -98,10 +99,10 @@ def _phrase(desc: Desc) -> str:
 def render(expression: dict) -> str:
   phrase = _phrase(expression["desc"])
   if expression["type"] == "extreme":
-    return f"the {expression['direction']} {phrase}"
+    return f"{expression['direction']} {phrase}"
   if expression["type"] == "relation":
-    return f"the {phrase} {expression['relation']} the {_phrase(expression['anchor'])}"
-  return f"the {phrase}"
+    return f"{phrase} {expression['relation']} the {_phrase(expression['anchor'])}"
+  return phrase
 
 
 def _descs(shape: Shape) -> list[Desc]:
