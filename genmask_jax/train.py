@@ -90,7 +90,7 @@ def initial_train_state(models, config, optimizer, mesh, rules) -> TrainState:
 def encode_batch(models: Models, vae_params, sub_batch: dict, task: int) -> dict:
   """A data sub-batch as the loss sees it: clean latents, task ids, text, condition latents."""
 
-  def latents(name: str) -> jax.Array:  # Of "image" or "mask": stored, or encoded here.
+  def clean_latents(name: str) -> jax.Array:  # Of "image" or "mask": stored, or encoded here.
     if f"{name}_latents" in sub_batch:
       return sub_batch[f"{name}_latents"][:, None]
     pixels = sub_batch[name]
@@ -103,12 +103,12 @@ def encode_batch(models: Models, vae_params, sub_batch: dict, task: int) -> dict
     "context_mask": sub_batch["text_mask"],
   }
   if task == tasks.SEGMENTATION:
-    out["latents"] = latents("mask")
+    out["latents"] = clean_latents("mask")
     out["mask"] = sub_batch["mask"]
     if models.use_condition_tokens:
-      out["cond"] = latents("image")
+      out["cond"] = clean_latents("image")
   else:
-    out["latents"] = latents("image")
+    out["latents"] = clean_latents("image")
   return out
 
 

@@ -12,7 +12,7 @@ from train_config import get_config
 from training_data import IMAGE_SIZE, make_stores
 
 from genmask_jax import encode_latents, train
-from genmask_jax.data import latents, pipeline, records
+from genmask_jax.data import latents, pipeline, records, synthetic
 from genmask_jax.data.latents import LatentError, LatentReader
 from genmask_jax.models.vae import LATENTS_STD
 
@@ -68,10 +68,15 @@ def test_two_workers_write_a_store_read_by_index(root, tmp_path, task):
     latents.encode_store(encode, store, out, **dict(kwargs, vae="vae-b"))
 
 
-def test_pipeline_refuses_latents_of_other_samples(root, tmp_path):
+def test_pipeline_joins_latents_and_refuses_those_of_other_samples(root, tmp_path):
   seg_latents, gen_latents = str(tmp_path / "seg"), str(tmp_path / "gen")
   for task, out in (("segmentation", seg_latents), ("generation", gen_latents)):
     latents.encode_store(pooled, os.path.join(root, task), out, vae="v", resolution=IMAGE_SIZE)
+  other_store, other_latents = str(tmp_path / "other"), str(tmp_path / "other_latents")
+  with records.RecordWriter(other_store, 16) as writer:  # Same task and size, other samples.
+    for sample in synthetic.samples("val", 32, image_size=IMAGE_SIZE):
+      writer.write(sample)
+  latents.encode_store(pooled, other_store, other_latents, vae="v", resolution=IMAGE_SIZE)
   config = get_config(root)
   source = config.data.segmentation.sources[0]
 
@@ -96,6 +101,8 @@ def test_pipeline_refuses_latents_of_other_samples(root, tmp_path):
     join(gen_latents)
   with pytest.raises(LatentError, match="expected segmentation at 64"):
     join(seg_latents, resolution=64)
+  with pytest.raises(LatentError, match="its ids are not those of"):
+    join(other_latents)
 
 
 def latent_config(root, latents_root, **overrides):
