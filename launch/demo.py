@@ -18,6 +18,7 @@ from __future__ import annotations
 import functools
 import json
 import os
+import shutil
 import subprocess
 import sys
 import time
@@ -188,8 +189,11 @@ def prepare(config, workdir: str) -> dict[str, dict[str, str]]:
     for s in splits
   }
   vae_dir = os.path.join(workdir, "vae")
+  new_vae = not os.path.exists(os.path.join(vae_dir, weights.RECORD))
   statistics = make_vae(config, vae_dir, store["train"]["records"])
   latents_dir = functools.partial(os.path.join, workdir, "latents")
+  if new_vae:  # Latents an earlier VAE left would be refused.
+    shutil.rmtree(latents_dir(), ignore_errors=True)
   with config.unlocked():
     config.vae.latents_mean = tuple(statistics["mean"])
     config.vae.latents_std = tuple(statistics["std"])
