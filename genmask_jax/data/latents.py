@@ -2,9 +2,10 @@
 
 Training images and masks are only resized and padded, never randomly augmented, so their
 latents are the same every epoch; reading them from a store skips the frozen VAE encoder in
-the train step (~15% of the CPU demo's step). A store belongs to one sample store (same ids, same
-order), one task, one resolution and one VAE: `vae_fingerprint` hashes the VAE's config (latent
-statistics included) and parameters, and training refuses a store made by another VAE.
+the train step (a quarter of the CPU demo's step: benchmarks/demo_step.py). A store belongs to
+one sample store (same ids, same order), one task, one resolution and one VAE: `vae_fingerprint`
+hashes the VAE's settings (latent statistics included) and parameters, and training refuses a
+store made by another VAE.
 
 A store is a directory written by `launch/precompute_latents.py`:
 
@@ -62,7 +63,7 @@ def vae_fingerprint(vae: Any, vae_params: Any) -> str:
   parameters; the same on every process of a multi-host job."""
   fields = [f.name for f in dataclasses.fields(vae) if f.name not in ("parent", "name")]
   settings = {name: getattr(vae, name) for name in fields}
-  digest = hashlib.sha256(json.dumps(settings, sort_keys=True, default=list).encode())
+  digest = hashlib.sha256(json.dumps(settings, sort_keys=True, default=str).encode())
   for path, leaf in jax.tree_util.tree_flatten_with_path(vae_params)[0]:
     if isinstance(leaf, jax.Array) and not leaf.is_fully_addressable:
       leaf = multihost_utils.process_allgather(leaf, tiled=True)
