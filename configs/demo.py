@@ -25,7 +25,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   config.vae.update(base_dim=8, dim_mult=(1, 2, 4))
 
   config.data.encoder_model_id = "tiny_qwen"  # The tiny random Qwen2.5-VL the demo builds.
-  config.data.text_len = 40  # The longest prompt has 32 tokens; padding costs cross-attention.
+  config.data.text_len = 40  # The longest prompt has 31 tokens; padding costs cross-attention.
   config.data.num_threads = 4
   for task in ("segmentation", "generation"):
     config.data[task].resolution = 64
