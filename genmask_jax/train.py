@@ -175,7 +175,7 @@ def device_batch(host_batch: dict[str, dict[str, np.ndarray]], mesh) -> dict:
   batch = {}
   for task, part in host_batch.items():
     names = list(keys[task])
-    if STORED_LATENT_KEYS[task][0] in part:
+    if STORED_LATENT_KEYS[task][0] in part:  # Such examples hold no image.
       names = [k for k in names if k != "image"] + list(STORED_LATENT_KEYS[task])
     batch[task] = sharding.global_batch({k: part[k] for k in names}, mesh)
   return batch

@@ -129,9 +129,10 @@ def encode_store(
   os.makedirs(out_dir, exist_ok=True)
   if not os.path.exists(os.path.join(out_dir, META_FILE)):
     write_json(os.path.join(out_dir, META_FILE), dataclasses.asdict(meta))
-  if _read_meta(out_dir) != meta:
+  started = _read_meta(out_dir)
+  if started != meta:
     raise LatentError(
-      f"{out_dir} was started with {_read_meta(out_dir)}; this run has {meta}: resume with the "
+      f"{out_dir} was started with {started}; this run has {meta}: resume with the "
       "same VAE, resolution and workers, or write to a new directory"
     )
   ids_file = _file(out_dir, "ids", worker_index, num_workers, "json")
@@ -208,7 +209,7 @@ class LatentReader:
     worker = int(np.searchsorted(self._starts, index, side="right")) - 1
     row = index - self._starts[worker]
     return {
-      KEYS[name]: np.array(self._array(name, worker)[row], np.float32)
+      KEYS[name]: np.asarray(self._array(name, worker)[row], np.float32)
       for name in _names(self.meta.task)
     }
 

@@ -16,7 +16,8 @@ error naming the store or the sample. One preprocessed example is
                prediction is undone by cropping [:h, :w] and resizing to `size`
   image_latents, mask_latents
                float32 (R/s, R/s, z_dim), only for sources with a latent store (latents.py):
-               the VAE latents of `image` and of `mask`, read instead of encoded every step
+               the VAE latents of the image and of `mask`, read instead of encoded every step;
+               such examples hold no `image` (it is neither decoded nor resized)
 
 Training (`train_dataset`): every step holds a segmentation batch and a generation batch of
 the same per-process size B, each at its own resolution: {"segmentation": {...},
@@ -161,15 +162,17 @@ def resize_and_pad(array: np.ndarray, resolution: int, nearest: bool) -> np.ndar
   return out
 
 
-def pixels(sample: Mapping, resolution: int) -> dict[str, np.ndarray]:
-  """A sample's image (and mask) as the model sees them, with their sizes (module docstring)."""
-  image = records.decode_image(sample)
-  h, w = image.shape[:2]
+def pixels(sample: Mapping, resolution: int, with_image: bool = True) -> dict[str, np.ndarray]:
+  """A sample's image (unless `with_image` is False) and mask as the model sees them, with their
+  sizes (module docstring)."""
+  h, w = sample["height"], sample["width"]  # decode_image checks that the image has them.
   out = {
-    "image": resize_and_pad(image, resolution, False).astype(np.float32) / 127.5 - 1,
     "size": np.array([h, w], np.int32),
     "resized_size": np.array(resized_shape(h, w, resolution), np.int32),
   }
+  if with_image:
+    image = resize_and_pad(records.decode_image(sample), resolution, False)
+    out["image"] = image.astype(np.float32) / 127.5 - 1
   if sample["task"] == "segmentation":
     out["mask"] = resize_and_pad(records.decode_mask(sample), resolution, True)
   return out
@@ -178,7 +181,10 @@ def pixels(sample: Mapping, resolution: int) -> dict[str, np.ndarray]:
 def preprocess(element: Mapping, *, resolution: int, text_len: int, text_dtype: str) -> dict:
   """One joined sample -> one example (see the module docstring)."""
   sample, hidden = element["sample"], element["hidden"]
-  example = pixels(sample, resolution) | element.get("latents", {})
+  if "latents" in element:  # The image's latents replace it.
+    example = pixels(sample, resolution, with_image=False) | element["latents"]
+  else:
+    example = pixels(sample, resolution)
   if hidden.shape[0] > text_len:
     raise FeatureError(
       f"sample {sample['id']!r}: {hidden.shape[0]} text tokens exceed text_len={text_len}; "
