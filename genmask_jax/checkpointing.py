@@ -6,12 +6,13 @@ shards), so a run killed at any moment restarts from the last complete step.
 
 from __future__ import annotations
 
-import os
 from typing import Any
 
 import grain
 import ml_collections
 import orbax.checkpoint as ocp
+
+from genmask_jax import fileio
 
 
 def _restore_args(abstract: Any, partial: bool = False) -> ocp.args.PyTreeRestore:
@@ -28,7 +29,7 @@ class TrainCheckpoints:
 
   def __init__(self, directory: str, *, keep: int, every: int, async_save: bool = True):
     self.manager = ocp.CheckpointManager(
-      os.path.abspath(directory),
+      fileio.absolute(directory),
       item_handlers={
         "state": ocp.PyTreeCheckpointHandler(),
         "data": grain.checkpoint.CheckpointHandler(),

@@ -102,7 +102,6 @@ def evaluate_params(
       overlays[split.name] = samples
   results = metrics.results_by_split(per_split)
   if jax.process_index() == 0:
-    os.makedirs(out_dir, exist_ok=True)
     report.write_results(results, os.path.join(out_dir, "results.json"))
     report.write_overlay_grids(overlays, out_dir, tile=config.eval.overlay_tile)
     logging.info("wrote %s", out_dir)

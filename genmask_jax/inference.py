@@ -9,7 +9,7 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 
-from genmask_jax import checkpointing, sharding, weights
+from genmask_jax import checkpointing, fileio, sharding, weights
 from genmask_jax.diffusion import generate, segment
 from genmask_jax.genmask import Models, frozen_vae_params
 from genmask_jax.models.vae import spatial_stride
@@ -25,7 +25,7 @@ def restore_params(config: ml_collections.ConfigDict, workdir: str, models: Mode
   abstract, _ = sharding.abstract_with_shardings(boxed, mesh, rules)
   directory = os.path.join(workdir, "checkpoints")
   params = None
-  if os.path.isdir(directory):
+  if fileio.isdir(directory):
     ckpt = checkpointing.TrainCheckpoints(directory, keep=1, every=1, async_save=False)
     if ckpt.latest_step() is not None:
       params = ckpt.restore_params(ckpt.latest_step(), abstract)

@@ -1,4 +1,9 @@
-"""Training metrics to TensorBoard, a JSON-lines file and the console (process 0 only)."""
+"""Training metrics to TensorBoard, a JSON-lines file and the console (process 0 only).
+
+The files are written through a `fileio.StagedFolder`: on a gs:// work directory they are
+uploaded whole at each `flush()` (the trainer flushes at every checkpoint, so no step that a
+resumed run will not repeat is ever lost) and at most every `SYNC_EVERY_S` at log steps.
+"""
 
 from __future__ import annotations
 
@@ -10,6 +15,10 @@ from collections.abc import Mapping
 
 import jax
 from absl import logging
+
+from genmask_jax import fileio
+
+SYNC_EVERY_S = 60.0
 
 
 class MetricWriter:
@@ -26,12 +35,14 @@ class MetricWriter:
       samples_per_step,
       log_every,
     )
-    self._tb = self._bar = self._jsonl = None
+    self._tb = self._bar = self._jsonl = self._files = None
     if self.active:
       from tensorboardX import SummaryWriter
 
-      self._tb = SummaryWriter(os.path.join(workdir, "tensorboard"))
-      self._jsonl = open(os.path.join(workdir, "metrics.jsonl"), "a")
+      self._files = fileio.StagedFolder(workdir, resume=("metrics.jsonl",))
+      self._tb = SummaryWriter(os.path.join(self._files.local, "tensorboard"))
+      self._jsonl = open(os.path.join(self._files.local, "metrics.jsonl"), "a")
+      self._synced_at = time.perf_counter()
       if sys.stdout.isatty():
         from tqdm import tqdm
 
@@ -55,6 +66,10 @@ class MetricWriter:
       self._last = (now, step)
       text = " ".join(f"{k}={v:.4g}" for k, v in sorted(scalars.items()))
       logging.info("step %d/%d %s%s", step, self.total_steps, text, eta)
+      if now - self._synced_at > SYNC_EVERY_S:
+        self._record(step, scalars)
+        self.flush()
+        return
     self._record(step, scalars)
 
   def write_eval(self, step: int, results: Mapping[str, Mapping[str, float]]) -> None:
@@ -68,9 +83,17 @@ class MetricWriter:
     self._jsonl.write(json.dumps(dict(scalars, step=step)) + "\n")
     self._jsonl.flush()
 
+  def flush(self) -> None:
+    """Publishes every line and event written so far (uploads them on gs://)."""
+    if self.active:
+      self._tb.flush()
+      self._files.sync()
+      self._synced_at = time.perf_counter()
+
   def close(self) -> None:
     if self._tb is not None:
       self._tb.close()
       self._jsonl.close()
+      self._files.close()
     if self._bar is not None:
       self._bar.close()

@@ -249,7 +249,8 @@ def train(
         metrics = {k: float(v) for k, v in jax.device_get(metrics).items()}
         check_finite(step, metrics)
         writer.write(step, dict(metrics, lr=float(schedule(step - 1))))
-        ckpt.save(step, state, batches, config, force=step == config.total_steps)
+        if ckpt.save(step, state, batches, config, force=step == config.total_steps):
+          writer.flush()  # Every step up to a checkpoint is published before it can resume.
         if config.eval.every_steps and step % config.eval.every_steps == 0:
           out_dir = os.path.join(workdir, "eval", f"step_{step}")
           results = evaluate.evaluate_params(

@@ -8,18 +8,19 @@ Layout of a converted folder:
 
 from __future__ import annotations
 
-import json
 import os
 from typing import Any
 
 import orbax.checkpoint as ocp
+
+from genmask_jax import fileio
 
 RECORD = "conversion.json"
 
 
 def save(folder: str, name: str, params: Any) -> None:
   """Writes `params` (numpy or jax arrays) as the Orbax checkpoint `folder/name`."""
-  path = os.path.abspath(os.path.join(folder, name))
+  path = fileio.absolute(os.path.join(folder, name))
   with ocp.StandardCheckpointer() as checkpointer:
     checkpointer.save(path, params)
 
@@ -30,18 +31,16 @@ def restore(folder: str, name: str, target: Any) -> Any:
   `target` is a pytree of `jax.ShapeDtypeStruct(shape, dtype, sharding=...)` (for example
   from `jax.eval_shape` and the sharding rules), so no device ever holds unsharded weights.
   """
-  path = os.path.abspath(os.path.join(folder, name))
-  if not os.path.isdir(path):
+  path = fileio.absolute(os.path.join(folder, name))
+  if not fileio.isdir(path):
     raise FileNotFoundError(f"{path}: no converted '{name}' checkpoint (run launch/convert_wan.py)")
   with ocp.StandardCheckpointer() as checkpointer:
     return checkpointer.restore(path, target)
 
 
 def write_record(folder: str, record: dict) -> None:
-  with open(os.path.join(folder, RECORD), "w") as f:
-    json.dump(record, f, indent=2, sort_keys=True)
+  fileio.write_json(os.path.join(folder, RECORD), record, indent=2)
 
 
 def read_record(folder: str) -> dict:
-  with open(os.path.join(folder, RECORD)) as f:
-    return json.load(f)
+  return fileio.read_json(os.path.join(folder, RECORD), FileNotFoundError)

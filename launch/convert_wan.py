@@ -11,13 +11,10 @@ Every tensor must be used exactly once; the report lists what was set aside and 
 
 from __future__ import annotations
 
-import os
-import shutil
-
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from genmask_jax import weights
+from genmask_jax import fileio, weights
 from genmask_jax.conversion.dit import convert_dit_file
 
 _CONFIG = config_flags.DEFINE_config_file("config", "configs/genmask.py", "Model config.")
@@ -33,11 +30,11 @@ def main(argv: list[str]) -> None:
   config, out = _CONFIG.value, _OUT.value
   if not (_DIT.value or _VAE.value):
     raise app.UsageError("give --dit and/or --vae")
-  if os.path.exists(out):
+  if fileio.exists(out):
     if not _OVERWRITE.value:
       raise app.UsageError(f"{out} exists; pass --overwrite to replace it")
-    shutil.rmtree(out)
-  os.makedirs(out)
+    fileio.rmtree(out)
+  fileio.makedirs(out)
   record = {"config": config.to_dict(), "sources": {}, "set_aside": {}}
   if _DIT.value:
     params, set_aside = convert_dit_file(_DIT.value, config.dit, seed=_SEED.value)

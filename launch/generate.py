@@ -21,7 +21,7 @@ import numpy as np
 from absl import app, flags
 from PIL import Image
 
-from genmask_jax import inference
+from genmask_jax import fileio, inference
 from launch import queries
 
 _PROMPT = flags.DEFINE_multi_string("prompt", [], "A caption; repeatable.")
@@ -82,8 +82,8 @@ def main(argv: list[str]) -> None:
       )
       images.extend(np.asarray(generated)[:real])
   pixels = ((np.stack(images) + 1) * 127.5).clip(0, 255).round().astype(np.uint8)
-  os.makedirs(os.path.dirname(_OUT.value) or ".", exist_ok=True)
-  Image.fromarray(grid(pixels, _COLUMNS.value)).save(_OUT.value)
+  fileio.makedirs(os.path.dirname(_OUT.value) or ".")
+  fileio.save_image(_OUT.value, Image.fromarray(grid(pixels, _COLUMNS.value)))
   for sample in samples:
     print(f"{sample['id']}: {sample['text']!r}")
   print(f"wrote {_OUT.value}")

@@ -23,7 +23,7 @@ import numpy as np
 from absl import app, flags
 from PIL import Image
 
-from genmask_jax import inference
+from genmask_jax import fileio, inference
 from genmask_jax.data import records
 from genmask_jax.evaluation import report, resize
 from launch import queries
@@ -63,13 +63,14 @@ def main(argv: list[str]) -> None:
         model.params, model.vae_params, batch["image"], batch["text"], batch["text_mask"]
       )
       logits.extend(np.asarray(predicted)[:real])
-  os.makedirs(_OUT.value, exist_ok=True)
+  fileio.makedirs(_OUT.value)
   for i, (sample, example, sample_logits) in enumerate(zip(samples, examples, logits, strict=True)):
     mask = resize.undo_resize(sample_logits, example["size"], example["resized_size"]) > 0
     image = records.decode_image(sample)
     base = os.path.join(_OUT.value, f"{i:03d}_{_name(sample)}")
-    Image.fromarray(mask.astype(np.uint8) * 255).save(f"{base}_mask.png")
-    Image.fromarray(report.paint(image, mask, report.PREDICTION_RGB)).save(f"{base}_overlay.png")
+    fileio.save_image(f"{base}_mask.png", Image.fromarray(mask.astype(np.uint8) * 255))
+    overlay = report.paint(image, mask, report.PREDICTION_RGB)
+    fileio.save_image(f"{base}_overlay.png", Image.fromarray(overlay))
     print(f"{sample['id']} {sample['text']!r}: {base}_mask.png {base}_overlay.png")
 
 

@@ -31,6 +31,7 @@ from collections.abc import Iterable, Iterator
 
 from tqdm import tqdm
 
+from genmask_jax import fileio
 from genmask_jax.data import records, synthetic
 from genmask_jax.data.sources import reasonseg, refcoco, semseg, text_image
 
@@ -261,7 +262,7 @@ def _parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> dict[str, int]:
   args = _parser().parse_args(argv)
-  if os.path.isdir(args.output) and os.listdir(args.output) and not args.overwrite:
+  if fileio.listdir(args.output) and not args.overwrite:
     raise SystemExit(f"{args.output} is not empty; pass --overwrite to replace it")
   samples, total = args.run(args)
   info = {k: v for k, v in vars(args).items() if k not in ("run", "overwrite")}

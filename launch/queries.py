@@ -28,7 +28,7 @@ from flax import linen as nn
 from ml_collections import config_flags
 from PIL import Image
 
-from genmask_jax import inference, metrics, sharding
+from genmask_jax import fileio, inference, metrics, sharding
 from genmask_jax.data import pipeline, records
 from genmask_jax.data.features import FeatureError, FeatureMeta, FeatureReader, check_meta
 from genmask_jax.genmask import Models
@@ -75,8 +75,7 @@ def trained_model(cfg: ml_collections.ConfigDict) -> Iterator[TrainedModel]:
 
 def segmentation_record(path: str, text: str) -> Sample:
   """The image file at `path` (JPEG or PNG, kept encoded) and a target, without ground truth."""
-  with open(path, "rb") as f:
-    data = f.read()
+  data = fileio.read_bytes(path)
   try:
     height, width = records.image_size(data)
   except (records.RecordError, OSError) as e:

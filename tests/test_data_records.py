@@ -139,10 +139,12 @@ def test_writer_refuses_to_overwrite_and_incomplete_stores(tmp_path):
   (tmp_path / "b" / "notes.txt").write_text("mine")
   with pytest.raises(FileExistsError, match="notes.txt"):
     records.RecordWriter(str(tmp_path / "b"), 10, overwrite=True)
-  # A conversion that fails midway leaves no meta.json: the store reads as incomplete.
+  # A conversion that fails midway leaves its finished shards, drops the unfinished one and
+  # writes no meta.json: the store reads as incomplete.
   with pytest.raises(RuntimeError):
-    with records.RecordWriter(str(tmp_path / "c"), 10) as writer:
+    with records.RecordWriter(str(tmp_path / "c"), 1) as writer:
       writer.write(_sample(0))
+      writer.write(_sample(1))
       raise RuntimeError("converter crashed")
   assert os.listdir(tmp_path / "c") == ["records-00000.array_record"]
   with pytest.raises(records.RecordError, match="did not finish"):

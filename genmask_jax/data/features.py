@@ -1,6 +1,6 @@
 """The VLM feature store: per-sample encoder hidden states keyed by sample id.
 
-A store is a directory written by `launch/precompute_vlm.py`:
+A store is a directory (local or gs://) written by `launch/precompute_vlm.py`:
 
   meta.json                       the encoder (FeatureMeta) and the shard layout
   features-WWWWW-of-NNNNN-SSSSS.array_record
@@ -9,23 +9,23 @@ A store is a directory written by `launch/precompute_vlm.py`:
   manifest.json                   written once every shard exists: shard files and their ids
 
 Workers own disjoint contiguous slices of the sample store and write shards of `shard_size`
-samples; each shard appears atomically (temp file + rename), so an interrupted run resumes by
-skipping the shards that exist. Records never hold pickles: hidden states are raw bf16/fp16
-bytes plus a shape.
+samples; each shard appears whole (fileio: a renamed or uploaded local file), so an interrupted
+run resumes by skipping the shards that exist. Records never hold pickles: hidden states are
+raw bf16/fp16 bytes plus a shape.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import json
 import os
-import tempfile
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from typing import NamedTuple
 
 import ml_dtypes
 import msgpack
 import numpy as np
+
+from genmask_jax import fileio
 
 FORMAT_VERSION = 1
 META_FILE = "meta.json"
@@ -87,36 +87,8 @@ def check_meta(meta: FeatureMeta, model_id: str, prompt_template: str) -> None:
     )
 
 
-def atomic_write(path: str, write: Callable[[str], None]) -> None:
-  """`write(tmp)` then an atomic rename to `path`: readers never see a partial file."""
-  # A unique temp name: workers on several hosts may share the directory.
-  fd, tmp = tempfile.mkstemp(dir=os.path.dirname(path), prefix=os.path.basename(path) + ".tmp-")
-  os.close(fd)
-  write(tmp)
-  os.replace(tmp, path)
-
-
-def write_json(path: str, obj) -> None:
-  def write(tmp: str) -> None:
-    with open(tmp, "w") as f:
-      json.dump(obj, f)
-
-  atomic_write(path, write)
-
-
-def read_json(path: str, error: type[Exception] = FeatureError):
-  """The JSON object in `path`; `error` (naming the file) if it is missing or malformed."""
-  try:
-    with open(path) as f:
-      return json.load(f)
-  except FileNotFoundError as e:
-    raise error(f"{path} does not exist") from e
-  except json.JSONDecodeError as e:
-    raise error(f"{path}: not valid JSON ({e})") from e
-
-
 def _read_meta(path: str) -> tuple[FeatureMeta, StoreLayout]:
-  obj = read_json(os.path.join(path, META_FILE))
+  obj = fileio.read_json(os.path.join(path, META_FILE), FeatureError)
   try:
     meta = FeatureMeta(**obj["meta"])
     layout = StoreLayout(**obj["layout"])
@@ -170,9 +142,9 @@ class FeatureWriter:
     if not 0 <= worker_index < layout.num_workers:
       raise FeatureError(f"worker index {worker_index} outside [0, {layout.num_workers})")
     self.path, self.meta, self.layout, self.worker_index = path, meta, layout, worker_index
-    os.makedirs(path, exist_ok=True)
-    if not os.path.exists(os.path.join(path, META_FILE)):
-      write_json(
+    fileio.makedirs(path)
+    if not fileio.exists(os.path.join(path, META_FILE)):
+      fileio.write_json(
         os.path.join(path, META_FILE),
         {"meta": dataclasses.asdict(meta), "layout": dataclasses.asdict(layout)},
       )
@@ -190,9 +162,9 @@ class FeatureWriter:
   def _remove_stale_temp_files(self) -> None:
     # Left by a killed run of this worker; other workers' temp files may be live.
     prefix = f"features-{self.worker_index:05d}-of-{self.layout.num_workers:05d}-"
-    for name in os.listdir(self.path):
-      if name.startswith(prefix) and ".tmp-" in name:
-        os.remove(os.path.join(self.path, name))
+    for name in fileio.listdir(self.path):
+      if name.startswith(prefix) and fileio.is_temp_name(name):
+        fileio.remove(os.path.join(self.path, name))
 
   def _shard_path(self, worker_index: int, shard_index: int) -> str:
     return os.path.join(self.path, self.layout.shard_name(worker_index, shard_index))
@@ -202,7 +174,7 @@ class FeatureWriter:
     return [
       (s, start, stop)
       for s, (start, stop) in enumerate(self.layout.shard_ranges(self.worker_index))
-      if not os.path.exists(self._shard_path(self.worker_index, s) + ".array_record")
+      if not fileio.exists(self._shard_path(self.worker_index, s) + ".array_record")
     ]
 
   def write_shard(self, shard_index: int, items: Sequence[FeatureItem]) -> None:
@@ -229,8 +201,8 @@ class FeatureWriter:
 
     base = self._shard_path(self.worker_index, shard_index)
     # The ids first: a shard counts as written once its .array_record exists.
-    write_json(base + ".ids.json", [item.id for item in items])
-    atomic_write(base + ".array_record", write)
+    fileio.write_json(base + ".ids.json", [item.id for item in items])
+    fileio.atomic_write(base + ".array_record", write)
 
   def finalize(self) -> bool:
     """Writes the manifest once every worker's shards exist; returns whether the store is done."""
@@ -239,18 +211,17 @@ class FeatureWriter:
     for w in range(self.layout.num_workers):
       for s in range(len(self.layout.shard_ranges(w))):
         base = self._shard_path(w, s)
-        if not os.path.exists(base + ".array_record"):
+        if not fileio.exists(base + ".array_record"):
           return False
-        shards.append(
-          {"file": os.path.basename(base) + ".array_record", "ids": read_json(base + ".ids.json")}
-        )
+        ids = fileio.read_json(base + ".ids.json", FeatureError)
+        shards.append({"file": os.path.basename(base) + ".array_record", "ids": ids})
     ids = [i for shard in shards for i in shard["ids"]]
     if len(ids) != self.layout.num_samples or len(set(ids)) != len(ids):
       raise FeatureError(
         f"{self.path}: shards hold {len(ids)} ids ({len(set(ids))} distinct), "
         f"expected {self.layout.num_samples} distinct"
       )
-    write_json(os.path.join(self.path, MANIFEST_FILE), {"shards": shards})
+    fileio.write_json(os.path.join(self.path, MANIFEST_FILE), {"shards": shards})
     return True
 
 
@@ -261,12 +232,12 @@ class FeatureReader:
     self.path = path
     self.meta, self.layout = _read_meta(path)
     manifest_path = os.path.join(path, MANIFEST_FILE)
-    if not os.path.exists(manifest_path):
+    if not fileio.exists(manifest_path):
       raise FeatureError(
         f"{path}: no {MANIFEST_FILE}, the store is incomplete: finish (or resume) "
         "launch/precompute_vlm.py for every worker"
       )
-    shards = read_json(manifest_path)["shards"]
+    shards = fileio.read_json(manifest_path, FeatureError)["shards"]
     self._files = [os.path.join(path, shard["file"]) for shard in shards]
     self._ids = [i for shard in shards for i in shard["ids"]]
     self._index = {

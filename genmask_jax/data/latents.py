@@ -7,7 +7,7 @@ one sample store (same ids, same order), one task, one resolution and one VAE: `
 hashes the VAE's settings (latent statistics included) and parameters, and training refuses a
 store made by another VAE.
 
-A store is a directory written by `launch/precompute_latents.py`:
+A store is a directory (local or gs://) written by `launch/precompute_latents.py`:
 
   meta.json                    LatentMeta
   ids-WWWWW-of-NNNNN.json      worker W's sample ids in order; written last, it marks the
@@ -16,13 +16,18 @@ A store is a directory written by `launch/precompute_latents.py`:
   mask-WWWWW-of-NNNNN.npy      (n, h, w, z_dim) latents of the mask images (segmentation only)
 
 Worker W of N encodes the W-th contiguous slice of the sample store; a re-run skips the workers
-whose files exist. Arrays are plain .npy files read memory-mapped (never with pickle).
+whose files exist. Arrays are plain .npy files (never pickles), written locally and published
+whole. Locally they are read memory-mapped; on gs:// each row is one ranged read of the object
+(`RemoteRows`): a per-host copy would put the whole store on every host's disk (the image and
+mask latents of 1M samples at 512x512 are ~0.5 TB in float32), while a training step reads a
+few rows per sample, in parallel over grain's threads (benchmarks/data_pipeline.py --gcs).
 """
 
 from __future__ import annotations
 
 import dataclasses
 import hashlib
+import io
 import json
 import os
 from collections.abc import Callable
@@ -32,8 +37,9 @@ import jax
 import numpy as np
 from jax.experimental import multihost_utils
 
+from genmask_jax import fileio
 from genmask_jax.data import records
-from genmask_jax.data.features import StoreLayout, read_json, write_json
+from genmask_jax.data.features import StoreLayout
 from genmask_jax.masks import mask_to_image
 
 FORMAT_VERSION = 1
@@ -82,7 +88,7 @@ def _names(task: str) -> tuple[str, ...]:
 
 
 def _read_meta(path: str) -> LatentMeta:
-  obj = read_json(os.path.join(path, META_FILE), LatentError)
+  obj = fileio.read_json(os.path.join(path, META_FILE), LatentError)
   try:
     meta = LatentMeta(**obj)
   except TypeError as e:
@@ -126,9 +132,9 @@ def encode_store(
       f"{len(samples)} (the samples of {records_dir})"
     )
   meta = LatentMeta(vae, tasks.pop(), resolution, len(samples), num_workers, dtype)
-  os.makedirs(out_dir, exist_ok=True)
-  if not os.path.exists(os.path.join(out_dir, META_FILE)):
-    write_json(os.path.join(out_dir, META_FILE), dataclasses.asdict(meta))
+  fileio.makedirs(out_dir)
+  if not fileio.exists(os.path.join(out_dir, META_FILE)):
+    fileio.write_json(os.path.join(out_dir, META_FILE), dataclasses.asdict(meta))
   started = _read_meta(out_dir)
   if started != meta:
     raise LatentError(
@@ -136,9 +142,11 @@ def encode_store(
       "same VAE, resolution and workers, or write to a new directory"
     )
   ids_file = _file(out_dir, "ids", worker_index, num_workers, "json")
-  if not os.path.exists(ids_file):
+  if not fileio.exists(ids_file):
     start, stop = StoreLayout(len(samples), num_workers, 1).worker_range(worker_index)
-    arrays = {}  # Written row by row into memory-mapped .npy files: a slice may not fit in RAM.
+    # Written row by row into memory-mapped local .npy files (a slice may not fit in RAM), then
+    # published whole.
+    staged, arrays = {}, {}
     for b in range(start, stop, batch_size):
       batch = [pixels(samples[i], resolution) for i in range(b, min(b + batch_size, stop))]
       for name in _names(meta.task):
@@ -148,18 +156,46 @@ def encode_store(
         padded = np.zeros((batch_size,) + inputs.shape[1:], inputs.dtype)  # One compiled shape.
         padded[: len(inputs)] = inputs
         rows = np.asarray(encode(padded))[: len(inputs)]
-        if name not in arrays:  # Only this worker writes its files, so a fixed temp name.
-          path = _file(out_dir, name, worker_index, num_workers, "npy.tmp")
+        if name not in arrays:
+          staged[name] = fileio.StagedFile(_file(out_dir, name, worker_index, num_workers, "npy"))
           shape = (stop - start,) + rows.shape[1:]
-          arrays[name] = np.lib.format.open_memmap(path, "w+", np.dtype(dtype), shape)
+          arrays[name] = np.lib.format.open_memmap(staged[name].local, "w+", np.dtype(dtype), shape)
         arrays[name][b - start : b - start + len(rows)] = rows
     for name, array in arrays.items():
       array.flush()
-      os.replace(array.filename, _file(out_dir, name, worker_index, num_workers, "npy"))
-    write_json(ids_file, samples.ids()[start:stop])
+      staged[name].publish()
+    fileio.write_json(ids_file, samples.ids()[start:stop])
   return all(
-    os.path.exists(_file(out_dir, "ids", w, num_workers, "json")) for w in range(num_workers)
+    fileio.exists(_file(out_dir, "ids", w, num_workers, "json")) for w in range(num_workers)
   )
+
+
+class RemoteRows:
+  """The rows of a .npy file on object storage, each read with one ranged request."""
+
+  def __init__(self, path: str):
+    self.path = path
+    head = io.BytesIO(fileio.read_range(path, 0, 4096))  # The header fits (npy pads to 64 B).
+    version = np.lib.format.read_magic(head)
+    read_header = {(1, 0): np.lib.format.read_array_header_1_0}.get(
+      version, np.lib.format.read_array_header_2_0
+    )
+    self.shape, fortran_order, self.dtype = read_header(head)
+    if fortran_order or self.dtype.hasobject:
+      raise ValueError(f"{path}: expected a C-ordered numeric array")
+    self._offset = head.tell()
+    self._row_bytes = self.dtype.itemsize * int(np.prod(self.shape[1:]))
+
+  @property
+  def ndim(self) -> int:
+    return len(self.shape)
+
+  def __len__(self) -> int:
+    return self.shape[0]
+
+  def __getitem__(self, row: int) -> np.ndarray:
+    data = fileio.read_range(self.path, self._offset + int(row) * self._row_bytes, self._row_bytes)
+    return np.frombuffer(data, self.dtype).reshape(self.shape[1:])
 
 
 class LatentReader:
@@ -169,13 +205,13 @@ class LatentReader:
     self.path = path
     self.meta = _read_meta(path)
     n = self.meta.num_workers
-    missing = [w for w in range(n) if not os.path.exists(_file(path, "ids", w, n, "json"))]
+    missing = [w for w in range(n) if not fileio.exists(_file(path, "ids", w, n, "json"))]
     if missing:
       raise LatentError(
         f"{path}: incomplete, workers {missing} of {n} have not written their latents: run "
         "launch/precompute_latents.py for every worker"
       )
-    per_worker = [read_json(_file(path, "ids", w, n, "json"), LatentError) for w in range(n)]
+    per_worker = [fileio.read_json(_file(path, "ids", w, n, "json"), LatentError) for w in range(n)]
     self._ids = [i for ids in per_worker for i in ids]
     if len(self._ids) != self.meta.num_samples:
       raise LatentError(f"{path}: {len(self._ids)} ids, the metadata says {self.meta.num_samples}")
@@ -195,7 +231,10 @@ class LatentReader:
     if (name, worker) not in self._arrays:
       path = _file(self.path, name, worker, self.meta.num_workers, "npy")
       try:
-        array = np.load(path, mmap_mode="r", allow_pickle=False)
+        if fileio.is_remote(path):
+          array = RemoteRows(path)
+        else:
+          array = np.load(path, mmap_mode="r", allow_pickle=False)
       except (OSError, ValueError) as e:
         raise LatentError(f"{path}: not a readable .npy array ({e})") from e
       rows = self._starts[worker + 1] - self._starts[worker]

@@ -1,6 +1,7 @@
 """The sample store: ArrayRecord shards of msgpack records, one record per sample.
 
-A store is one split of one data set, a directory:
+A store is one split of one data set, a directory (local or gs://; shards are written locally
+and appear whole, renamed or uploaded, when complete):
 
   records-00000.array_record ...  one msgpack map per record (below), `shard_size` per shard
   ids.json                        the sample ids in record order (random access by id)
@@ -27,7 +28,6 @@ Decoded images are RGB uint8 (H, W, 3) and masks uint8 (H, W), at the original r
 from __future__ import annotations
 
 import io
-import json
 import os
 import re
 import threading
@@ -38,6 +38,8 @@ import cv2
 import msgpack
 import numpy as np
 from PIL import Image
+
+from genmask_jax import fileio
 
 FORMAT_VERSION = 1
 TASKS = ("segmentation", "generation")
@@ -206,9 +208,13 @@ class RecordWriter:
   def __init__(self, path: str, shard_size: int, *, overwrite: bool = False, info=None):
     if shard_size < 1:
       raise ValueError(f"shard_size must be positive, got {shard_size}")
-    if os.path.exists(path) and os.listdir(path):
-      names = os.listdir(path)
-      ours = [n for n in names if n in (META_FILE, IDS_FILE) or _SHARD_RE.fullmatch(n)]
+    names = fileio.listdir(path)
+    if names:
+      ours = [
+        n
+        for n in names
+        if n in (META_FILE, IDS_FILE) or _SHARD_RE.fullmatch(n) or fileio.is_temp_name(n)
+      ]
       if not overwrite:
         raise FileExistsError(f"{path} is not empty; pass --overwrite to replace it")
       if len(ours) != len(names):
@@ -216,14 +222,14 @@ class RecordWriter:
           f"{path} holds files that are not a sample store: {sorted(set(names) - set(ours))}"
         )
       for name in ours:
-        os.remove(os.path.join(path, name))
-    os.makedirs(path, exist_ok=True)
+        fileio.remove(os.path.join(path, name))
+    fileio.makedirs(path)
     self.path, self.shard_size, self.info = path, shard_size, dict(info or {})
     self._ids: list[str] = []
     self._seen: set[str] = set()
     self._shards: list[dict] = []
     self._tasks: dict[str, int] = {}
-    self._writer = None
+    self._writer = self._staged = None
 
   def write(self, sample: Sample) -> None:
     from array_record.python.array_record_module import ArrayRecordWriter
@@ -234,7 +240,8 @@ class RecordWriter:
       self._close_shard()
       name = _shard_name(len(self._shards))
       # Images are already compressed; one record per chunk keeps random reads cheap.
-      self._writer = ArrayRecordWriter(os.path.join(self.path, name), "group_size:1,uncompressed")
+      self._staged = fileio.StagedFile(os.path.join(self.path, name))
+      self._writer = ArrayRecordWriter(self._staged.local, "group_size:1,uncompressed")
       self._shards.append({"file": name, "num_records": 0})
     self._writer.write(encode_sample(sample))
     self._shards[-1]["num_records"] += 1
@@ -242,10 +249,11 @@ class RecordWriter:
     self._seen.add(sample["id"])
     self._tasks[sample["task"]] = self._tasks.get(sample["task"], 0) + 1
 
-  def _close_shard(self) -> None:
+  def _close_shard(self, publish: bool = True) -> None:
     if self._writer is not None:
       self._writer.close()
-      self._writer = None
+      self._staged.publish() if publish else self._staged.discard()
+      self._writer = self._staged = None
 
   def close(self) -> dict:
     """Finishes the store and returns its meta."""
@@ -257,10 +265,8 @@ class RecordWriter:
       "tasks": self._tasks,
       "info": self.info,
     }
-    with open(os.path.join(self.path, IDS_FILE), "w") as f:
-      json.dump(self._ids, f)
-    with open(os.path.join(self.path, META_FILE), "w") as f:
-      json.dump(meta, f, indent=1)
+    fileio.write_json(os.path.join(self.path, IDS_FILE), self._ids)
+    fileio.write_json(os.path.join(self.path, META_FILE), meta, indent=1)  # Last: complete.
     return meta
 
   def __enter__(self) -> RecordWriter:
@@ -270,7 +276,7 @@ class RecordWriter:
     if exc_type is None:
       self.close()
     else:
-      self._close_shard()  # No meta.json: the store stays marked incomplete.
+      self._close_shard(publish=False)  # No meta.json: the store stays marked incomplete.
 
 
 class RecordReader:
@@ -279,12 +285,11 @@ class RecordReader:
   def __init__(self, path: str):
     self.path = path
     meta_path = os.path.join(path, META_FILE)
-    if not os.path.exists(meta_path):
+    if not fileio.exists(meta_path):
       raise RecordError(
         f"{path}: no {META_FILE}: not a sample store, or its conversion did not finish"
       )
-    with open(meta_path) as f:
-      self.meta = json.load(f)
+    self.meta = fileio.read_json(meta_path, RecordError)
     if self.meta.get("format_version") != FORMAT_VERSION:
       raise RecordError(
         f"{meta_path}: format version {self.meta.get('format_version')}, "
@@ -308,8 +313,7 @@ class RecordReader:
 
   def ids(self) -> list[str]:
     if self._ids is None:
-      with open(os.path.join(self.path, IDS_FILE)) as f:
-        self._ids = json.load(f)
+      self._ids = fileio.read_json(os.path.join(self.path, IDS_FILE), RecordError)
       if len(self._ids) != len(self):
         raise RecordError(f"{self.path}: {IDS_FILE} lists {len(self._ids)} ids for {len(self)}")
     return self._ids

@@ -7,14 +7,13 @@ the image letterboxed into tile x tile, so a grid of N samples is (3 tile) wide,
 
 from __future__ import annotations
 
-import json
 import os
 from collections.abc import Mapping, Sequence
 
 import numpy as np
 from PIL import Image
 
-from genmask_jax import metrics
+from genmask_jax import fileio, metrics
 
 COLUMNS = ("samples", "gIoU", "cIoU") + tuple(f"Prec@0.{k}" for k in metrics.PRECISION_TENTHS)
 TRUTH_RGB, IGNORE_RGB, PREDICTION_RGB = (0, 200, 0), (128, 128, 128), (220, 0, 0)
@@ -35,9 +34,8 @@ def format_table(results: Results) -> str:
 
 def write_results(results: Results, path: str) -> None:
   """Writes the results as JSON (fractions, not percent) and prints the table."""
-  os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
-  with open(path, "w") as f:
-    json.dump({split: dict(r) for split, r in results.items()}, f, indent=2, sort_keys=True)
+  fileio.makedirs(os.path.dirname(path) or ".")
+  fileio.write_json(path, {split: dict(r) for split, r in results.items()}, indent=2)
   print(format_table(results))
 
 
@@ -92,9 +90,9 @@ def write_overlay_grids(
   tile: int = 256,
 ) -> list[str]:
   """Writes `{directory}/{split}_overlays.png` per split; returns the paths."""
-  os.makedirs(directory, exist_ok=True)
+  fileio.makedirs(directory)
   paths = []
   for split, samples in per_split.items():
     paths.append(os.path.join(directory, f"{split}_overlays.png"))
-    overlay_grid(samples, tile).save(paths[-1])
+    fileio.save_image(paths[-1], overlay_grid(samples, tile))
   return paths
