@@ -11,6 +11,7 @@ import json
 import os
 import sys
 import time
+import uuid
 from collections.abc import Mapping
 
 import jax
@@ -40,7 +41,12 @@ class MetricWriter:
       from tensorboardX import SummaryWriter
 
       self._files = fileio.StagedFolder(workdir, resume=("metrics.jsonl",))
-      self._tb = SummaryWriter(os.path.join(self._files.local, "tensorboard"))
+      # Event files are named by second and host; a restart within that second would replace
+      # the previous run's file on object storage.
+      suffix = f".{uuid.uuid4().hex[:8]}"
+      self._tb = SummaryWriter(
+        os.path.join(self._files.local, "tensorboard"), filename_suffix=suffix
+      )
       self._jsonl = open(os.path.join(self._files.local, "metrics.jsonl"), "a")
       self._synced_at = time.perf_counter()
       if sys.stdout.isatty():

@@ -31,3 +31,30 @@ from absl import flags  # noqa: E402
 # grain worker processes read absl flags.
 flags.FLAGS.mark_as_parsed()
 torch.set_num_threads(2)
+
+
+import pytest  # noqa: E402
+
+
+@pytest.fixture(scope="session")
+def gcs():
+  """A GCS API server on 127.0.0.1 (fake-gcs-server), with this process's storage clients
+  pointed at it; `gcs.env` is the environment for subprocesses, `gcs.create_bucket(name)`."""
+  from genmask_jax import gcs_emulator
+
+  with gcs_emulator.Emulator() as emulator:
+    saved = {k: os.environ.get(k) for k in emulator.env}
+    gcs_emulator.apply(emulator.env)
+    try:
+      yield emulator
+    finally:
+      for k, v in saved.items():
+        os.environ.pop(k) if v is None else os.environ.update({k: v})
+      gcs_emulator.apply({})
+
+
+@pytest.fixture
+def bucket(gcs, request):
+  """A new bucket for one test: gs://NAME."""
+  name = "t-" + "".join(c if c.isalnum() else "-" for c in request.node.name.lower())[:50]
+  return gcs.create_bucket(name.strip("-") + f"-{os.getpid()}")

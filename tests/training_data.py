@@ -6,6 +6,7 @@ import os
 
 import numpy as np
 
+from genmask_jax import fileio
 from genmask_jax.data import records, synthetic
 from genmask_jax.data.features import FeatureItem, FeatureMeta, FeatureWriter, StoreLayout
 from genmask_jax.vlm.prompts import prompt_template
@@ -35,7 +36,7 @@ def make_stores(root: str, num_samples: int = 32) -> dict[str, str]:
   paths = {}
   for seed, (task, split) in enumerate([("segmentation", "train"), ("generation", "gen")]):
     store, features = os.path.join(root, task), os.path.join(root, f"{task}_features")
-    if not os.path.exists(os.path.join(features, "manifest.json")):
+    if not fileio.exists(os.path.join(features, "manifest.json")):
       with records.RecordWriter(store, 16, overwrite=True) as writer:
         for sample in synthetic.samples(split, num_samples, seed=seed, image_size=IMAGE_SIZE):
           writer.write(sample)
