@@ -30,7 +30,13 @@ from typing import Any
 # to prepare TFDS data); the project's one gs:// backend is gcsfs.
 os.environ.setdefault("EPATH_USE_TF", "false")
 
+import fsspec.config  # noqa: E402
 from etils import epath  # noqa: E402
+
+# gcsfs caches folder listings forever by default: a process that polls a run (a checkpoint
+# folder, another host's shards) would never see new objects, and Orbax, sharing the instance,
+# would restore a stale step.
+fsspec.config.conf.setdefault("gcs", {})["use_listings_cache"] = False
 
 INSTALL_HINT = "pip install -r requirements-train.txt (gcsfs, google-cloud-storage)"
 CREDENTIALS_HINT = (

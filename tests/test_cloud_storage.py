@@ -3,12 +3,18 @@ layer, every store kind, the writers, metrics and TensorBoard events."""
 
 import json
 import os
+import signal
+import socket
 import struct
 import subprocess
 import sys
+import time
 
+import jax
 import numpy as np
 import pytest
+from conftest import fake_devices
+from test_train import final_params
 from train_config import get_config
 from training_data import IMAGE_SIZE, make_stores
 
@@ -46,6 +52,16 @@ def test_file_layer_round_trip(bucket, tmp_path):
   assert fileio.read_text(f"{bucket}/tree/sub/f.txt") == "f"
   fileio.rmtree(f"{bucket}/tree")
   assert not fileio.exists(f"{bucket}/tree/sub/f.txt")
+
+
+def test_listings_see_objects_written_by_other_processes(gcs, bucket):
+  """A process polling a run (checkpoints, other hosts' shards) sees new objects: gcsfs's
+  listing cache is off (with it, Orbax restored a stale step)."""
+  fileio.write_text(f"{bucket}/run/1", "")
+  assert fileio.listdir(f"{bucket}/run") == ["1"]
+  script = f"from genmask_jax import fileio; fileio.write_text('{bucket}/run/2', '')"
+  subprocess.run([sys.executable, "-c", script], env=dict(ENV, **gcs.env), check=True)
+  assert fileio.listdir(f"{bucket}/run") == ["1", "2"]
 
 
 def test_staged_folder_keeps_every_line_across_flushes_and_resume(bucket):
@@ -217,3 +233,136 @@ def test_prepare_data_writes_a_store_to_gcs(gcs, bucket, tmp_path):
     command + [f"--output={bucket}/data"], env=env, capture_output=True, text=True
   )
   assert result.returncode != 0 and "is not empty; pass --overwrite" in result.stderr
+
+
+def pod_command(root: str, workdir: str, process_id: int, port: int, *flags: str) -> list[str]:
+  """One process of a 2-process x 4-fake-device job (mesh data=2, fsdp=4)."""
+  return [
+    sys.executable, "-m", "genmask_jax.main", f"--config=tests/train_config.py:{root}",
+    f"--workdir={workdir}", f"--coordinator_address=127.0.0.1:{port}", "--num_processes=2",
+    f"--process_id={process_id}", "--config.mesh.data=2", "--config.mesh.fsdp=4",
+    "--config.eval.every_steps=8", *flags,
+  ]  # fmt: skip
+
+
+def free_port() -> int:
+  with socket.socket() as s:
+    s.bind(("127.0.0.1", 0))
+    return s.getsockname()[1]
+
+
+class Job:
+  """The processes of one multi-process run; every one is killed on exit."""
+
+  def __init__(self, root: str, workdir: str, env: dict):
+    port = free_port()
+    self.processes = [
+      subprocess.Popen(
+        pod_command(root, workdir, i, port),
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+      )
+      for i in range(2)
+    ]
+
+  def wait(self) -> None:
+    for p in self.processes:
+      _, err = p.communicate(timeout=900)
+      assert p.returncode == 0, err[-3000:]
+
+  def __enter__(self):
+    return self
+
+  def __exit__(self, *exc) -> None:
+    for p in self.processes:
+      if p.poll() is None:
+        p.kill()
+      p.communicate()
+
+
+def committed_steps(workdir: str) -> list[int]:
+  directory = f"{workdir}/checkpoints"
+  return sorted(
+    int(n)
+    for n in fileio.listdir(directory)
+    if n.isdigit() and fileio.exists(f"{directory}/{n}/commit_success.txt")
+  )
+
+
+def metric_rows(workdir: str) -> list[dict]:
+  return [json.loads(line) for line in fileio.read_text(f"{workdir}/metrics.jsonl").splitlines()]
+
+
+@pytest.mark.slow
+@pytest.mark.xdist_group("heavy")
+def test_pod_job_on_gcs_resumes_after_sigkill(root, gcs, bucket, tmp_path):
+  """The pod path: stores and work directory on gs://, 2 processes x 4 fake devices; one process
+  is SIGKILLed after a checkpoint, both restart; the result equals an uninterrupted local run."""
+  env = dict(ENV, **gcs.env, XLA_FLAGS=fake_devices(4), JAX_CPU_COLLECTIVES_IMPLEMENTATION="gloo")
+  local_run = str(tmp_path / "local")
+  with Job(root, local_run, env) as job:
+    job.wait()
+
+  remote_root, run = upload_stores(root, bucket), f"{bucket}/run"
+  with Job(remote_root, run, env) as job:
+    while not committed_steps(run):
+      assert all(p.poll() is None for p in job.processes), "the run ended before the kill"
+      time.sleep(0.2)
+    job.processes[1].send_signal(signal.SIGKILL)
+    assert job.processes[1].wait() == -signal.SIGKILL
+  killed_at = committed_steps(run)
+  assert 8 not in killed_at
+  with Job(remote_root, run, env) as job:  # The same command, both processes.
+    job.wait()
+
+  # Every step's loss equals the uninterrupted run's; metrics.jsonl holds each step once per
+  # attempt: the first attempt's steps up to (at least) its last checkpoint, published when it
+  # was saved, then the second attempt's from that checkpoint on.
+  rows = [r for r in metric_rows(run) if "loss" in r]
+  steps = [r["step"] for r in rows]
+  restarts = [i for i in range(1, len(steps)) if steps[i] != steps[i - 1] + 1]
+  assert len(restarts) <= 1 and steps[0] == 1 and steps[-1] == 8, steps
+  if restarts:
+    assert steps[restarts[0]] == max(killed_at) + 1 <= steps[restarts[0] - 1] + 1, steps
+  else:
+    assert steps == list(range(1, 9))
+  reference = {r["step"]: r["loss"] for r in metric_rows(local_run) if "loss" in r}
+  assert {r["step"]: r["loss"] for r in rows} == reference
+  config = get_config(root)
+  config.mesh = dict(data=2, fsdp=4, tensor=1)
+  jax.tree.map(
+    np.testing.assert_array_equal, final_params(run, config), final_params(local_run, config)
+  )
+  events = {}
+  for name in fileio.listdir(f"{run}/tensorboard"):
+    events |= scalars(read_events(f"{run}/tensorboard/{name}"))
+  assert {s for (tag, s) in events if tag == "loss"} == set(range(1, 9))
+
+  # --mode=eval (one process here) and predict read the run from the bucket and write there.
+  env1 = dict(ENV, **gcs.env, XLA_FLAGS=fake_devices(8))
+  config_flag = f"--config=tests/train_config.py:{remote_root}"
+  command = [sys.executable, "-m", "genmask_jax.main", config_flag, f"--workdir={run}"]
+  result = subprocess.run(command + ["--mode=eval"], env=env1, capture_output=True, text=True)
+  assert result.returncode == 0, result.stderr[-3000:]
+  during_training = fileio.read_json(f"{run}/eval/step_8/results.json")
+  after_training = fileio.read_json(f"{run}/eval/results.json")
+  assert after_training.keys() == during_training.keys() == {"synthetic_train"}
+  for split, metrics in during_training.items():
+    assert after_training[split] == pytest.approx(metrics, abs=1e-6)
+  assert fileio.exists(f"{run}/eval/synthetic_train_overlays.png")
+  ids = records.RecordReader(os.path.join(root, "segmentation")).ids()[:3]
+  masks = {}
+  for name, workdir, stores in (("gcs", run, remote_root), ("local", local_run, root)):
+    out = f"{bucket}/predict_{name}"
+    command = [
+      sys.executable, "-m", "launch.predict", f"--config=tests/train_config.py:{stores}",
+      f"--workdir={workdir}", f"--records={stores}/segmentation",
+      f"--features={stores}/segmentation_features", f"--out={out}",
+      *[f"--sample_id={i}" for i in ids],
+    ]  # fmt: skip
+    result = subprocess.run(command, env=env1, capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr[-3000:]
+    masks[name] = {n: fileio.read_bytes(f"{out}/{n}") for n in fileio.listdir(out)}
+  assert len(masks["gcs"]) == 6 and masks["gcs"] == masks["local"]
