@@ -12,17 +12,26 @@ contiguous slice of each sample store in shards of --shard_size samples; re-runn
 command skips finished shards, and whichever worker finishes a store last writes the manifest
 that makes it readable. --reasoning first asks the VLM to rewrite each segmentation query into an
 explicit target description and encodes that.
+
+One command for a whole node (launch/fanout.py): --gpus=all (or --gpus=0,1, or --gpus=cpu:2 for
+two CPU workers) runs one worker per device with --num_workers/--worker_index set, waits, shows one
+progress bar for the store and exits non-zero naming a failed worker; workers log to --worker_logs.
+In a multi-node job every node runs the same command with --num_nodes=M --node_index=k
+(launch/slurm_gpu.py --job=precompute_vlm writes that job array).
 """
 
 from __future__ import annotations
 
 import os
+import sys
 from collections.abc import Sequence
 
 from absl import app, flags, logging
 from PIL import Image
 
+from genmask_jax import fileio
 from genmask_jax.data.features import (
+  MANIFEST_FILE,
   FeatureError,
   FeatureItem,
   FeatureMeta,
@@ -32,6 +41,7 @@ from genmask_jax.data.features import (
 )
 from genmask_jax.data.records import TASKS, RecordReader, decode_image
 from genmask_jax.vlm import encode, prompts
+from launch import fanout
 
 _SAMPLES = flags.DEFINE_list("samples", None, "Sample store directories.", required=True)
 _CHECKPOINT = flags.DEFINE_string("checkpoint", None, "Qwen2.5-VL directory.", required=True)
@@ -49,6 +59,7 @@ _STORE_DTYPE = flags.DEFINE_enum("store_dtype", "bfloat16", ["bfloat16", "float1
 _MAX_PIXELS = flags.DEFINE_integer("max_pixels", 512 * 512, "Image area cap for the VLM.")
 _REASONING = flags.DEFINE_bool("reasoning", False, "Rewrite segmentation queries first.")
 _MAX_NEW_TOKENS = flags.DEFINE_integer("max_new_tokens", 32, "Rewrite length cap.")
+_FANOUT = fanout.define_flags()
 
 
 def _image(sample: dict) -> Image.Image:
@@ -150,6 +161,55 @@ def precompute_store(model, processor, samples_dir: str, out_dir: str) -> None:
   logging.info("%s: complete, %d samples", out_dir, len(samples))
 
 
+def shard_sizes(layout: StoreLayout) -> dict[int, dict[str, int]]:
+  """Per worker: the samples of each of its shard files, by file name."""
+  return {
+    w: {
+      layout.shard_name(w, s) + ".array_record": stop - start
+      for s, (start, stop) in enumerate(layout.shard_ranges(w))
+    }
+    for w in range(layout.num_workers)
+  }
+
+
+def fan_out() -> None:
+  """Runs this node's workers, one per device of --gpus, over every store (launch/fanout.py)."""
+  devices, num_workers, indices = fanout.plan(_FANOUT)
+  stores = {
+    out: shard_sizes(StoreLayout(len(RecordReader(s)), num_workers, _SHARD_SIZE.value))
+    for s, out in zip(_SAMPLES.value, _OUT.value, strict=True)
+  }
+
+  def missing(w: int) -> bool:
+    return any(not set(shards[w]) <= set(fileio.listdir(out)) for out, shards in stores.items())
+
+  def done() -> int:
+    written = {out: set(fileio.listdir(out)) for out in stores}
+    return sum(
+      n
+      for out, shards in stores.items()
+      for files in shards.values()
+      for name, n in files.items()
+      if name in written[out]
+    )
+
+  todo = [(w, d) for w, d in zip(indices, devices, strict=True) if missing(w)]
+  if not todo and not all(fileio.exists(os.path.join(out, MANIFEST_FILE)) for out in stores):
+    todo = [(indices[0], devices[0])]  # Every shard is there: one worker writes the manifest.
+  own = (*fanout.FANOUT_FLAGS, "device")
+  argv = [sys.executable, "-m", "launch.precompute_vlm", *fanout.forwarded_argv(sys.argv[1:], own)]
+  workers = [fanout.Worker(w, num_workers, d, [*argv, f"--device={d.torch}"]) for w, d in todo]
+  total = sum(n for shards in stores.values() for files in shards.values() for n in files.values())
+  fanout.run(workers, "precompute_vlm", _FANOUT.worker_logs.value, total, done)
+  for out in stores:
+    state = (
+      "complete"
+      if fileio.exists(os.path.join(out, MANIFEST_FILE))
+      else "other nodes' shards missing"
+    )
+    logging.info("%s: %s", out, state)
+
+
 def main(argv: list[str]) -> None:
   del argv
   if len(_SAMPLES.value) != len(_OUT.value):
@@ -157,6 +217,10 @@ def main(argv: list[str]) -> None:
       f"--samples names {len(_SAMPLES.value)} stores and --out {len(_OUT.value)}; "
       "give one --out per --samples, in the same order"
     )
+  fanout.check_flags()
+  if _FANOUT.gpus.value:
+    fan_out()
+    return
   model, processor = encode.load_vlm(_CHECKPOINT.value, _DEVICE.value, _DTYPE.value)
   for samples_dir, out_dir in zip(_SAMPLES.value, _OUT.value, strict=True):
     precompute_store(model, processor, samples_dir, out_dir)

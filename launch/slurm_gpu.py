@@ -1,15 +1,25 @@
-r"""Trains on a multi-node GPU cluster: writes an sbatch script, submits it, can follow its log.
+r"""Trains or precomputes on a GPU cluster: writes an sbatch script, submits it, can follow its log.
 
   python -m launch.slurm_gpu --nodes=4 --gpus_per_node=8 --partition=gpu --account=my-account \
       --time=48:00:00 --venv=/shared/genmask-jax/.venv \
       --config=configs/genmask.py --workdir=/shared/runs/genmask1 \
       --config_overrides=total_steps=20000 --tail
 
+  python -m launch.slurm_gpu --job=precompute_vlm --nodes=4 --gpus_per_node=8 --requeue ... -- \
+      --samples=data/refcoco_unc/train --checkpoint=/models/Qwen2.5-VL-7B-Instruct \
+      --out=features/refcoco_unc_train --dtype=bfloat16 --batch_size=16
+
 The job runs one task per node (`srun`); each task is one JAX process driving all GPUs of its
 node. `jax.distributed` is told explicitly who is who: the coordinator is the first host of
 `scontrol show hostnames $SLURM_JOB_NODELIST` at --port, there are $SLURM_NTASKS (= --nodes)
 processes, and this one is $SLURM_PROCID. The checkout (--repo_dir) and --workdir must be on a
 file system every node sees. --dry_run prints the script and the sbatch command and runs none.
+
+--job=precompute_vlm / precompute_latents submit a job array of --nodes independent tasks, each
+one node with --gpus_per_node GPUs (with --gpus_per_node=1, one task per GPU, which Slurm may
+pack onto shared nodes). Task k runs the entry point with the flags given after `--` plus
+`--gpus=all --num_nodes=NODES --node_index=k` (launch/fanout.py): one worker per GPU, workers
+k*G .. k*G+G-1 of NODES*G. Shards are resumable, so --requeue (or resubmitting) is safe.
 """
 
 from __future__ import annotations
@@ -17,9 +27,12 @@ from __future__ import annotations
 import argparse
 import os
 import shlex
+import sys
 from collections.abc import Sequence
 
-from launch import commands
+from launch import commands, fanout
+
+JOBS = ("train", "precompute_vlm", "precompute_latents")
 
 # 0.9: XLA preallocates GPU memory (0.75 by default); leave the rest to NCCL and cuDNN.
 # The latency hiding scheduler overlaps the FSDP all-gathers/reduce-scatters with compute.
@@ -35,19 +48,41 @@ _DISTRIBUTED_FLAGS = (
 
 
 def log_path(log_dir: str, job_name: str, job_id: str) -> str:
-  """The job's log; sbatch's --output spells them %x and %j."""
+  """The job's log; sbatch's --output spells them %x and %j (%A_%a: an array's task)."""
   return os.path.join(log_dir, f"{job_name}-{job_id}.out")
 
 
+def is_array(args: argparse.Namespace) -> bool:
+  return args.job != "train"
+
+
+def precompute_command(args: argparse.Namespace) -> list[str]:
+  """The entry point that every array task runs on its node (--node_index added by the task)."""
+  return [
+    args.python,
+    "-m",
+    f"launch.{args.job}",
+    *args.entry_flags,
+    "--gpus=all",
+    f"--num_nodes={args.nodes}",
+    f"--worker_logs={os.path.join(args.log_dir, args.job_name + '-workers')}",
+  ]
+
+
 def srun_command(args: argparse.Namespace) -> list[str]:
-  train = commands.train_command(args.python, args.config, args.workdir, args.config_overrides)
-  step = [f"--nodes={args.nodes}", "--ntasks-per-node=1", "--kill-on-bad-exit=1", "--label"]
+  if is_array(args):
+    # Each array task is its own one-node job.
+    nodes, task = 1, f'{shlex.join(precompute_command(args))} --node_index="$SLURM_ARRAY_TASK_ID"'
+  else:
+    train = commands.train_command(args.python, args.config, args.workdir, args.config_overrides)
+    nodes, task = args.nodes, f"{shlex.join(train)} {_DISTRIBUTED_FLAGS}"
+  step = [f"--nodes={nodes}", "--ntasks-per-node=1", "--kill-on-bad-exit=1", "--label"]
   if args.cpus_per_task:  # srun no longer inherits it from sbatch (Slurm >= 22.05).
     step.append(f"--cpus-per-task={args.cpus_per_task}")
   if args.container_image:  # pyxis/enroot.
     step += [f"--container-image={args.container_image}", f"--container-workdir={args.repo_dir}"]
     step += [f"--container-mounts={args.container_mounts}"] if args.container_mounts else []
-  return ["srun", *step, "bash", "-c", f"{shlex.join(train)} {_DISTRIBUTED_FLAGS}"]
+  return ["srun", *step, "bash", "-c", task]
 
 
 def sbatch_script(args: argparse.Namespace) -> str:
@@ -57,13 +92,14 @@ def sbatch_script(args: argparse.Namespace) -> str:
     "account": args.account,
     "cpus-per-task": args.cpus_per_task,
   }
+  array = is_array(args)
   directives = [
     f"--job-name={args.job_name}",
-    f"--nodes={args.nodes}",
+    *([f"--array=0-{args.nodes - 1}", "--nodes=1"] if array else [f"--nodes={args.nodes}"]),
     "--ntasks-per-node=1",
     f"--gpus-per-node={args.gpus_per_node}",
     *(f"--{key}={value}" for key, value in optional.items() if value),
-    f"--output={log_path(args.log_dir, '%x', '%j')}",
+    f"--output={log_path(args.log_dir, '%x', '%A_%a' if array else '%j')}",
     *(["--requeue"] if args.requeue else []),
     *args.sbatch_arg,
   ]
@@ -78,13 +114,24 @@ def sbatch_script(args: argparse.Namespace) -> str:
     *args.prologue,
     *venv,
     *(shlex.join(["export", f"{key}={value}"]) for key, value in env.items()),
+    *(_array_task_lines(args) if array else _coordinator_lines(args)),
+    shlex.join(srun_command(args)),
+  ]
+  return "\n".join(lines) + "\n"
+
+
+def _coordinator_lines(args: argparse.Namespace) -> list[str]:
+  return [
     "# jax.distributed: the first node of the allocation coordinates.",
     'NODES=($(scontrol show hostnames "$SLURM_JOB_NODELIST"))',
     'COORDINATOR="${NODES[0]}"',
     f'export COORDINATOR_ADDRESS="$COORDINATOR:{args.port}"',
-    shlex.join(srun_command(args)),
   ]
-  return "\n".join(lines) + "\n"
+
+
+def _array_task_lines(args: argparse.Namespace) -> list[str]:
+  g, n = args.gpus_per_node, args.nodes
+  return [f"# Task k of {n} runs workers k*{g} .. k*{g}+{g - 1} of {n * g}, one per GPU."]
 
 
 def submit(shell: commands.Shell, args: argparse.Namespace) -> None:
@@ -95,28 +142,35 @@ def submit(shell: commands.Shell, args: argparse.Namespace) -> None:
   if shell.dry_run:
     shell.run(sbatch)
     if args.tail:
-      shell.note(f"then: tail -n +1 -F {log_path(args.log_dir, args.job_name, '<job id>')}")
+      task = "<job id>_<task>" if is_array(args) else "<job id>"
+      shell.note(f"then: tail -n +1 -F {log_path(args.log_dir, args.job_name, task)}")
     return
   answer = shell.read(sbatch).strip()
   job_id = answer.split(";")[0]  # "<id>" or "<id>;<cluster>".
   if not job_id.isdigit():
     raise RuntimeError(f"sbatch answered {answer!r}, expected a job id")
-  log = log_path(args.log_dir, args.job_name, job_id)
-  shell.note(f"submitted job {job_id}; log: {log}")
+  tasks = [f"{job_id}_{k}" for k in range(args.nodes)] if is_array(args) else [job_id]
+  logs = [log_path(args.log_dir, args.job_name, task) for task in tasks]
+  shell.note(f"submitted job {job_id}; log: {' '.join(logs)}")
   if args.tail:
-    try:  # The log appears when the job starts; tail -F waits for it.
-      shell.run(["tail", "-n", "+1", "-F", log])
+    try:  # The logs appear when the tasks start; tail -F waits for them.
+      shell.run(["tail", "-n", "+1", "-F", *logs])
     except KeyboardInterrupt:
-      shell.note(f"stopped following {log}; job {job_id} keeps running (scancel {job_id})")
+      shell.note(f"stopped following the log; job {job_id} keeps running (scancel {job_id})")
 
 
 def parse_flags(argv: Sequence[str] | None = None) -> argparse.Namespace:
+  """The launcher's flags; for a precompute job, what follows `--` goes to the entry point."""
+  argv = list(sys.argv[1:] if argv is None else argv)
+  entry_flags = argv[argv.index("--") + 1 :] if "--" in argv else []
+  argv = argv[: argv.index("--")] if "--" in argv else argv
   parser = argparse.ArgumentParser(
     prog="python -m launch.slurm_gpu",
     description=__doc__,
     formatter_class=argparse.RawDescriptionHelpFormatter,
   )
   add = parser.add_argument
+  add("--job", choices=JOBS, default="train", help="Train, or precompute as a job array.")
   add("--job_name", default="genmask")
   add("--nodes", type=int, default=1)
   add("--gpus_per_node", type=int, default=8)
@@ -135,17 +189,22 @@ def parse_flags(argv: Sequence[str] | None = None) -> argparse.Namespace:
   add("--env", action="append", default=[], help="NAME=VALUE exported (replaces a default).")
   add("--port", type=int, default=12355, help="jax.distributed coordinator port.")
   add("--config", default="configs/genmask.py", help="Config file, relative to --repo_dir.")
-  add("--workdir", required=True, help="Shared folder (or gs://) for checkpoints and metrics.")
+  add("--workdir", help="Training: shared folder (or gs://) for checkpoints and metrics.")
   add("--config_overrides", action="append", default=[], help="KEY=VALUE config override.")
   add("--log_dir", default="slurm_logs", help="Folder of the job logs and the script.")
   add("--script", help="Where to write the sbatch script; default: LOG_DIR/JOB_NAME.sbatch.")
   add("--tail", action="store_true", help="Follow the job's log after submitting.")
   add("--dry_run", action="store_true", help="Print the script and commands, run none.")
   args = parser.parse_args(argv)
+  args.entry_flags = entry_flags
   if args.nodes < 1 or args.gpus_per_node < 1:
     parser.error("--nodes and --gpus_per_node must be at least 1")
+  if args.job == "train" and (entry_flags or not args.workdir):
+    parser.error("--job=train takes --workdir and --config_overrides, no flags after --")
+  if is_array(args) and fanout.forwarded_argv(entry_flags) != entry_flags:
+    parser.error(f"the job array sets --{', --'.join(fanout.FANOUT_FLAGS)} itself")
   try:
-    commands.train_command(args.python, args.config, args.workdir, args.config_overrides)
+    commands.train_command(args.python, args.config, args.workdir or "", args.config_overrides)
     commands.assignments(args.env, "--env", commands.ENV_NAME)
   except ValueError as e:
     parser.error(str(e))

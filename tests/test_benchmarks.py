@@ -64,3 +64,22 @@ def test_gpu_benchmark_tiny_runs_on_cpu():
     # The columns are printed rounded (4 and 3 significant digits), hence the loose tolerance.
     assert ratio == pytest.approx(ours / theirs, rel=0.1, abs=0.01), label
   assert re.search(r"train peak memory \(GiB\)\s+[\d.]+\s+n/a", result.stdout)
+
+
+def test_vlm_precompute_benchmark_tiny_runs_on_cpu():
+  env = dict(os.environ, OMP_NUM_THREADS="1")
+  result = subprocess.run(
+    [sys.executable, "-m", "benchmarks.vlm_precompute", "--tiny"],
+    env=env,
+    capture_output=True,
+    text=True,
+    timeout=600,
+  )
+  assert result.returncode == 0, result.stderr[-3000:]
+  rows = dict(re.findall(r"^(\S.*?)\s{2,}(\S+)", result.stdout, re.M))
+  # 640x480 resized under 512*512 pixels: 420x588, 30x42 patches of 14, merged 2x2.
+  assert rows["image tokens (640x480)"] == "315", result.stdout
+  assert float(rows["samples/s at batch 1"]) > 0 and float(rows["samples/s at batch 4"]) > 0
+  # The store holds the analytic bf16 rows plus its per-record overhead.
+  analytic, stored = float(rows["analytic bytes/sample"]), float(rows["stored bytes/sample"])
+  assert analytic < stored < 1.5 * analytic

@@ -157,3 +157,20 @@ def test_precompute_command_writes_every_named_store(root, tmp_path):
     assert reader.meta.dtype == "float16" and reader.meta.num_workers == 2
     assert reader.ids() == records.RecordReader(os.path.join(root, task)).ids()
     assert reader[31]["image_latents"].shape == (IMAGE_SIZE // 8, IMAGE_SIZE // 8, 16)
+
+
+def test_precompute_command_fans_out_over_cpu_workers(tmp_path):
+  """--gpus=cpu:2 (launch/fanout.py): one command, two workers, the store complete."""
+  root = str(tmp_path / "stores")
+  make_stores(root, num_samples=8)
+  command = [sys.executable, "-m", "launch.precompute_latents"]
+  command += [f"--config=tests/train_config.py:{root},latents", "--gpus=cpu:2"]
+  command += [f"--worker_logs={tmp_path / 'logs'}", "--batch_size=4"]
+  result = subprocess.run(command, env=ENV, capture_output=True, text=True, timeout=600)
+  assert result.returncode == 0, result.stderr[-3000:]
+  assert "precompute_latents: 100%" in result.stderr
+  assert len(os.listdir(tmp_path / "logs")) == 2
+  for task in ("segmentation", "generation"):
+    reader = LatentReader(os.path.join(root, f"{task}_latents"))
+    assert reader.meta.num_workers == 2
+    assert reader.ids() == records.RecordReader(os.path.join(root, task)).ids()

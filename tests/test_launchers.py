@@ -14,7 +14,7 @@ import textwrap
 
 import pytest
 
-from launch import slurm_gpu, tpu_pod
+from launch import fanout, slurm_gpu, tpu_pod
 
 ZONE = ["--zone=us-east5-a", "--project=my-project"]
 WHERE = "--zone=us-east5-a --project=my-project"
@@ -315,6 +315,61 @@ def test_slurm_script_runs_one_process_per_node_coordinated_by_the_first(bin_dir
   assert [c[:2] for c in _calls(bin_dir) if c[0] == "scontrol"] == [["scontrol", "show"]]
 
 
+def _dry_run_script(capsys) -> str:
+  """The sbatch script a dry run prints as a here-document."""
+  lines = _lines(capsys)
+  start = next(i for i, line in enumerate(lines) if line.startswith("cat > "))
+  return "\n".join(lines[start + 1 : lines.index("GENMASK_EOF")]) + "\n"
+
+
+@pytest.mark.parametrize("nodes, gpus_per_node", [(3, 1), (2, 4)])
+def test_slurm_precompute_array_tasks_run_disjoint_workers_covering_the_store(
+  bin_dir, tmp_path, capsys, nodes, gpus_per_node
+):
+  slurm_gpu.main(
+    [
+      "--job=precompute_vlm",
+      f"--nodes={nodes}",
+      f"--gpus_per_node={gpus_per_node}",
+      "--requeue",
+      f"--repo_dir={tmp_path}",
+      f"--log_dir={tmp_path / 'logs'}",
+      "--python=precomputer",
+      "--dry_run",
+      "--",
+      "--samples=data/a",
+      "--checkpoint=/models/qwen",
+      "--out=features/a",
+    ]
+  )
+  script = _dry_run_script(capsys)
+  lines = script.splitlines()
+  directives = dict(
+    line.removeprefix("#SBATCH --").partition("=")[::2] for line in lines if "#SBATCH" in line
+  )
+  assert "requeue" in directives and directives["nodes"] == "1"
+  first, last = map(int, directives["array"].split("-"))
+  gpus = int(directives["gpus-per-node"])  # What `--gpus=all` finds on each task's node.
+
+  # Run every array task as Slurm would: srun runs its command once, `precomputer` records it.
+  (tmp_path / "job.sbatch").write_text(script)
+  _stand_in(bin_dir, "srun", "import subprocess\nsubprocess.run(argv[argv.index('bash'):])\n")
+  _stand_in(bin_dir, "precomputer", "")
+  for task in range(first, last + 1):
+    env = dict(os.environ, SLURM_ARRAY_TASK_ID=str(task))
+    job = subprocess.run(["bash", str(tmp_path / "job.sbatch")], env=env, capture_output=True)
+    assert job.returncode == 0, job.stderr.decode()
+  workers = []
+  for call in [c[1:] for c in _calls(bin_dir) if c[0] == "precomputer"]:
+    assert call[:2] == ["-m", "launch.precompute_vlm"]
+    flags = dict(arg.removeprefix("--").partition("=")[::2] for arg in call[2:])
+    assert flags["samples"] == "data/a" and flags["gpus"] == "all"
+    total, indices = fanout.node_workers(gpus, int(flags["num_nodes"]), int(flags["node_index"]))
+    assert total == nodes * gpus_per_node
+    workers += indices
+  assert sorted(workers) == list(range(nodes * gpus_per_node))  # Disjoint, and every worker.
+
+
 @pytest.mark.parametrize(
   "module, argv, message",
   [
@@ -325,6 +380,8 @@ def test_slurm_script_runs_one_process_per_node_coordinated_by_the_first(bin_dir
     (tpu_pod, _tpu_argv("--detach"), "add --keep"),
     (slurm_gpu, ["--workdir=/r", "--env=1BAD=x"], "--env: expected KEY"),
     (slurm_gpu, ["--workdir=/r", "--nodes=0"], "at least 1"),
+    (slurm_gpu, ["--nodes=2"], "--job=train takes --workdir"),
+    (slurm_gpu, ["--job=precompute_vlm", "--", "--num_workers=8"], "the job array sets"),
   ],
 )
 def test_bad_flags_are_refused_with_the_reason(module, argv, message, capsys):

@@ -49,13 +49,18 @@ def load_vlm(checkpoint_dir: str, device: str = "cpu", dtype: str = "float32"):
   tokenizer = AutoTokenizer.from_pretrained(checkpoint_dir)
   if tokenizer.chat_template is None:
     raise ValueError(f"{checkpoint_dir}: the tokenizer has no chat template")
-  processor = ImageTextProcessor(
-    image_processor=AutoImageProcessor.from_pretrained(checkpoint_dir),
+  processor = make_processor(tokenizer, AutoImageProcessor.from_pretrained(checkpoint_dir))
+  return model.to(device).eval(), processor
+
+
+def make_processor(tokenizer, image_processor) -> ImageTextProcessor:
+  """The processor of a tokenizer (with the chat template) and a Qwen2-VL image processor."""
+  return ImageTextProcessor(
+    image_processor=image_processor,
     tokenizer=tokenizer,
     video_processor=None,
     chat_template=tokenizer.chat_template,
   )
-  return model.to(device).eval(), processor
 
 
 def _model_inputs(model, processor, batch: Sequence[Prompt], padding_side: str, max_pixels):

@@ -93,12 +93,33 @@ def build_tokenizer(vocab_size: int = 512):
   return tokenizer
 
 
-def tiny_config(tokenizer):
+def _config(tokenizer, text: dict, vision: dict):
+  """A Qwen2_5_VLConfig of the given sizes, wired to the tokenizer's special token ids."""
   from transformers import Qwen2_5_VLConfig
 
   ids = {t: tokenizer.convert_tokens_to_ids(t) for t in QWEN_SPECIAL_TOKENS}
+  special = dict(
+    bos_token_id=ids["<|endoftext|>"],
+    eos_token_id=ids["<|im_end|>"],
+    pad_token_id=ids["<|endoftext|>"],
+  )
   return Qwen2_5_VLConfig(
-    text_config=dict(
+    text_config=dict(text, **special),
+    vision_config=dict(
+      vision, patch_size=14, temporal_patch_size=2, spatial_merge_size=2, window_size=112
+    ),
+    image_token_id=ids["<|image_pad|>"],
+    video_token_id=ids["<|video_pad|>"],
+    vision_start_token_id=ids["<|vision_start|>"],
+    vision_end_token_id=ids["<|vision_end|>"],
+    **special,
+  )
+
+
+def tiny_config(tokenizer):
+  return _config(
+    tokenizer,
+    text=dict(
       vocab_size=len(tokenizer),
       hidden_size=64,
       intermediate_size=128,
@@ -108,37 +129,57 @@ def tiny_config(tokenizer):
       max_position_embeddings=2048,
       # mrope sections (temporal, height, width) sum to head_dim / 2 = 8.
       rope_parameters={"rope_type": "default", "rope_theta": 1e6, "mrope_section": [2, 3, 3]},
-      bos_token_id=ids["<|endoftext|>"],
-      eos_token_id=ids["<|im_end|>"],
-      pad_token_id=ids["<|endoftext|>"],
     ),
-    vision_config=dict(
+    vision=dict(
       depth=2,
       hidden_size=32,
       intermediate_size=64,
       num_heads=2,
       out_hidden_size=64,
-      patch_size=14,
-      temporal_patch_size=2,
-      spatial_merge_size=2,
-      window_size=112,
       fullatt_block_indexes=[1],
     ),
-    image_token_id=ids["<|image_pad|>"],
-    video_token_id=ids["<|video_pad|>"],
-    vision_start_token_id=ids["<|vision_start|>"],
-    vision_end_token_id=ids["<|vision_end|>"],
-    bos_token_id=ids["<|endoftext|>"],
-    eos_token_id=ids["<|im_end|>"],
-    pad_token_id=ids["<|endoftext|>"],
   )
+
+
+def qwen25_vl_7b_config(tokenizer):
+  """The architecture of Qwen2.5-VL-7B-Instruct (its config.json), with this tokenizer's special
+  ids; the vocabulary keeps the real size so the embedding and LM head weigh what they do."""
+  return _config(
+    tokenizer,
+    text=dict(
+      vocab_size=152064,
+      hidden_size=3584,
+      intermediate_size=18944,
+      num_hidden_layers=28,
+      num_attention_heads=28,
+      num_key_value_heads=4,
+      max_position_embeddings=128000,
+      rms_norm_eps=1e-6,
+      tie_word_embeddings=False,
+      rope_parameters={"rope_type": "default", "rope_theta": 1e6, "mrope_section": [16, 24, 24]},
+    ),
+    vision=dict(
+      depth=32,
+      hidden_size=1280,
+      intermediate_size=3420,
+      num_heads=16,
+      out_hidden_size=3584,
+      fullatt_block_indexes=[7, 15, 23, 31],
+    ),
+  )
+
+
+def image_processor():
+  """Qwen2.5-VL's image processor: 14x14 patches, 2 frames per temporal patch, 2x2 merge."""
+  from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
+
+  return Qwen2VLImageProcessorPil(patch_size=14, temporal_patch_size=2, merge_size=2)
 
 
 def save_tiny_qwen(out_dir: str, seed: int = 0) -> str:
   """Builds the tiny model with seeded random weights and saves it; returns `out_dir`."""
   import torch
   from transformers import Qwen2_5_VLForConditionalGeneration
-  from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
 
   tokenizer = build_tokenizer()
   torch.manual_seed(seed)
@@ -148,9 +189,7 @@ def save_tiny_qwen(out_dir: str, seed: int = 0) -> str:
   model.save_pretrained(out_dir)
   # The processor itself cannot be saved without a video processor: save its parts.
   tokenizer.save_pretrained(out_dir)
-  Qwen2VLImageProcessorPil(patch_size=14, temporal_patch_size=2, merge_size=2).save_pretrained(
-    out_dir
-  )
+  image_processor().save_pretrained(out_dir)
   return out_dir
 
 
