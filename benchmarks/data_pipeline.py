@@ -1,10 +1,14 @@
 """Throughput of the training input pipeline (samples per second, both tasks counted).
 
-  python -m benchmarks.data_pipeline --resolution=512 --workers 0 2
+  python -m benchmarks.data_pipeline --resolution=512 --workers 0 2 [--latents] [--gcs]
 
 Writes COCO-like sample stores (640x480 JPEGs of smooth noise with masks, and captioned
-images for generation) and feature stores with Qwen2.5-VL-7B-sized hidden states, then times
-`pipeline.train_dataset` after a warm-up, once per worker count.
+images for generation) and feature stores with Qwen2.5-VL-7B-sized hidden states (with
+--latents also latent stores, which replace image decoding), then times
+`pipeline.train_dataset` after a warm-up, once per worker count. --gcs also serves the same
+stores from a GCS API server on 127.0.0.1 (genmask_jax.gcs_emulator) and times local and gs://
+reading in alternating rounds: the ratio shows the cost of the object-store code path
+(requests, ranged reads), not a real bucket's latency.
 """
 
 from __future__ import annotations
@@ -19,7 +23,8 @@ import grain
 import numpy as np
 from absl import flags
 
-from genmask_jax.data import pipeline, records
+from genmask_jax import fileio, gcs_emulator
+from genmask_jax.data import latents, pipeline, records
 from genmask_jax.data.features import FeatureItem, FeatureMeta, FeatureWriter, StoreLayout
 from genmask_jax.vlm.prompts import prompt_template
 
@@ -60,7 +65,41 @@ def _stores(root: str, task: str, args) -> dict:
       ],
     )
   assert feature_writer.finalize()
-  return {"records": samples, "features": features}
+  source = {"records": samples, "features": features}
+  if args.latents:  # Random latents of the right shape: only their reading is timed.
+    side = args.resolution // 8
+    source["latents"] = os.path.join(root, task + "_latents")
+    latents.encode_store(
+      lambda x: rng.normal(size=(len(x), side, side, 16)).astype(np.float32),
+      samples,
+      source["latents"],
+      vae="bench",
+      resolution=args.resolution,
+    )
+  return source
+
+
+def _rate(cfg, args) -> float:
+  """Samples per second over `args.steps` steps after 2 warm-up steps."""
+  batches = iter(pipeline.train_dataset(cfg, grain.sharding.NoSharding()))
+  for _ in range(2):
+    next(batches)
+  start = time.perf_counter()
+  for _ in range(args.steps):
+    next(batches)
+  seconds = time.perf_counter() - start
+  batches.close()
+  return args.steps * 2 * args.batch_size / seconds
+
+
+def _moved(cfg, old_root: str, new_root: str):
+  """`cfg` with every store path under `new_root` instead of `old_root`."""
+  cfg = cfg.copy_and_resolve_references()
+  for task in records.TASKS:
+    cfg[task].sources = [
+      {k: v.replace(old_root, new_root, 1) for k, v in s.items()} for s in cfg[task].sources
+    ]
+  return cfg
 
 
 def main() -> None:
@@ -76,6 +115,9 @@ def main() -> None:
   parser.add_argument("--text_dtype", default="bfloat16", choices=list(pipeline.TEXT_DTYPES))
   parser.add_argument("--threads", type=int, default=8)
   parser.add_argument("--model_id", default="bench")
+  parser.add_argument("--latents", action="store_true", help="Read latent stores too.")
+  parser.add_argument("--gcs", action="store_true", help="Also read the stores from gs://.")
+  parser.add_argument("--rounds", type=int, default=2, help="Alternating rounds with --gcs.")
   args = parser.parse_args()
   flags.FLAGS.mark_as_parsed()  # grain workers read absl flags.
 
@@ -91,22 +133,28 @@ def main() -> None:
       cfg[task].update(
         sources=[_stores(root, task, args)], resolution=args.resolution, batch_size=args.batch_size
       )
+    configs = {"local": cfg}
+    if args.gcs:
+      gcs = gcs_emulator.Emulator().start().stop_at_exit()
+      gcs_emulator.apply(gcs.env)  # Inherited by grain's worker processes.
+      bucket = gcs.create_bucket("benchmark")
+      fileio.upload_tree(root, f"{bucket}/stores")
+      configs["gs://"] = _moved(cfg, root, f"{bucket}/stores")
     print(
       f"{os.cpu_count()} CPUs; {args.resolution}x{args.resolution}, batch {args.batch_size} per "
       f"task, 640x480 JPEGs, text {args.tokens}/{args.text_len} x {args.hidden} {args.text_dtype}"
+      + (", stored latents" if args.latents else "")
     )
     for workers in args.workers:
-      cfg.num_workers = workers
-      batches = iter(pipeline.train_dataset(cfg, grain.sharding.NoSharding()))
-      for _ in range(2):
-        next(batches)
-      start = time.perf_counter()
-      for _ in range(args.steps):
-        next(batches)
-      seconds = time.perf_counter() - start
-      batches.close()
-      rate = args.steps * 2 * args.batch_size / seconds
-      print(f"workers {workers}: {rate:.1f} samples/s ({seconds / args.steps * 1e3:.0f} ms/step)")
+      rates = {name: [] for name in configs}
+      for _ in range(args.rounds if args.gcs else 1):
+        for name, config in configs.items():
+          config.num_workers = workers
+          rates[name].append(_rate(config, args))
+      line = ", ".join(f"{n} {np.mean(r):.1f} samples/s" for n, r in rates.items())
+      if args.gcs:
+        line += f" (gs:// / local = {np.mean(rates['gs://']) / np.mean(rates['local']):.2f})"
+      print(f"workers {workers}: {line}")
 
 
 if __name__ == "__main__":

@@ -13,6 +13,7 @@ asking a gRPC control plane for each bucket's type (60 s per bucket against an e
 
 from __future__ import annotations
 
+import atexit
 import os
 import socket
 import stat
@@ -104,6 +105,13 @@ class Emulator:
     with urllib.request.urlopen(request, timeout=10):
       pass
     return f"gs://{name}"
+
+  def stop_at_exit(self) -> Emulator:
+    """Stops the server when this process exits, after Python has joined its threads: input
+    pipelines' reader threads may still be reading from it (the native ArrayRecord reader
+    retries a vanished server forever)."""
+    atexit.register(self.stop)
+    return self
 
   def stop(self) -> None:
     if self.process is not None and self.process.poll() is None:

@@ -12,7 +12,7 @@ from __future__ import annotations
 from absl import app, flags
 from ml_collections import config_flags
 
-from genmask_jax import distributed, log_filter
+from genmask_jax import distributed, log_filter, preemption
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Config file.", lock_config=True)
 _WORKDIR = flags.DEFINE_string("workdir", None, "Checkpoints, logs and results.", required=True)
@@ -29,6 +29,7 @@ def main(argv: list[str]) -> None:
   if _MODE.value == "train":
     from genmask_jax import train
 
+    preemption.install()  # Before the restore and the compilation, which can take minutes.
     train.train(_CONFIG.value, _WORKDIR.value)
   else:
     from genmask_jax import evaluate

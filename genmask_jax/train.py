@@ -22,7 +22,7 @@ import optax
 from absl import logging
 from flax import struct
 
-from genmask_jax import checkpointing, distributed, evaluate, sharding, weights
+from genmask_jax import checkpointing, distributed, evaluate, preemption, sharding, weights
 from genmask_jax.data import latents
 from genmask_jax.data.records import TASKS
 from genmask_jax.diffusion import losses, tasks
@@ -249,8 +249,11 @@ def train(
         metrics = {k: float(v) for k, v in jax.device_get(metrics).items()}
         check_finite(step, metrics)
         writer.write(step, dict(metrics, lr=float(schedule(step - 1))))
-        if ckpt.save(step, state, batches, config, force=step == config.total_steps):
+        preempted = preemption.reached(step)
+        if ckpt.save(step, state, batches, config, force=step == config.total_steps or preempted):
           writer.flush()  # Every step up to a checkpoint is published before it can resume.
+        if preempted:  # `finally` waits for this step's checkpoint; the process then exits 0.
+          break
         if config.eval.every_steps and step % config.eval.every_steps == 0:
           out_dir = os.path.join(workdir, "eval", f"step_{step}")
           results = evaluate.evaluate_params(

@@ -6,8 +6,9 @@ r"""Trains on a Cloud TPU VM or pod slice: create, install, train on every worke
       --config_overrides=total_steps=20000
 
 Actions: `run` (create, install, train, then delete the TPU even when training fails or is
-interrupted, unless --keep), `create`, `install`, `train`, `delete`, `logs`. --dry_run prints the
-exact gcloud commands and runs none.
+interrupted, unless --keep), `supervise` (the same, detached from this process and restarted on
+preemption: launch/tpu_supervisor.py), `status` (of a supervised or detached run), `create`,
+`install`, `train`, `delete`, `logs`. --dry_run prints the exact gcloud commands and runs none.
 
 The TPU is a TPU VM (`tpu-vm create`) or, with --queued, a queued resource whose node has the
 same name (created when capacity frees up; we poll until ACTIVE). Every worker gets the project
@@ -15,7 +16,8 @@ same name (created when capacity frees up; we poll until ACTIVE). Every worker g
 --python_version virtual environment made by uv (TPU images ship an older Python) with
 --requirements and jax[tpu], then runs the same training command; `jax.distributed` finds its
 peers from the TPU metadata. Each worker also writes ~/genmask-jax-train.log, which `logs` tails
-(and which a --detach'ed run writes to instead of the ssh stream).
+(and which a --detach'ed run writes to instead of the ssh stream). With --mount_bucket, `install`
+also mounts that bucket read-only with gcsfuse at --mount_point on every worker.
 """
 
 from __future__ import annotations
@@ -44,7 +46,27 @@ RUNTIME_VERSIONS = {
   "v2": "tpu-ubuntu2204-base",
 }
 _QUEUED_FAILED = ("FAILED", "SUSPENDING", "SUSPENDED", "DELETING")
-ACTIONS = ("run", "create", "install", "train", "delete", "logs")
+ACTIONS = ("run", "supervise", "status", "create", "install", "train", "delete", "logs")
+# Read-only data that never changes while mounted: cache metadata and listings forever (the
+# flags the large JAX codebases mount ArrayRecord data sets with).
+GCSFUSE_FLAGS = (
+  "-o",
+  "ro",
+  "--implicit-dirs",
+  "--type-cache-max-size-mb=-1",
+  "--stat-cache-max-size-mb=-1",
+  "--metadata-cache-ttl-secs=-1",
+  "--kernel-list-cache-ttl-secs=-1",
+)
+GCSFUSE_APT = (  # Google's apt repository for gcsfuse, as its install guide sets it up.
+  'echo "deb [signed-by=/usr/share/keyrings/cloud.google.asc]'
+  ' https://packages.cloud.google.com/apt gcsfuse-$(lsb_release -c -s) main"'
+  " | sudo tee /etc/apt/sources.list.d/gcsfuse.list > /dev/null"
+  " && curl -fsSL https://packages.cloud.google.com/apt/doc/apt-key.gpg"
+  " | sudo tee /usr/share/keyrings/cloud.google.asc > /dev/null"
+  " && sudo apt-get -o DPkg::Lock::Timeout=600 update -qq"
+  " && sudo apt-get -o DPkg::Lock::Timeout=600 install -y -qq gcsfuse"
+)
 
 
 def _gcloud(args: argparse.Namespace, group: str, verb: str, *rest: str) -> list[str]:
@@ -141,6 +163,20 @@ def install_command(args: argparse.Namespace) -> list[str]:
   return ssh_command(args, "all", remote)
 
 
+def mount_command(args: argparse.Namespace) -> list[str]:
+  """Installs gcsfuse (unless present) and mounts --mount_bucket read-only on every worker."""
+  point = shlex.quote(args.mount_point)
+  cache = []
+  if args.mount_cache_dir:  # gcsfuse's file cache only exists with a cache folder.
+    cache = [f"--cache-dir={args.mount_cache_dir}", "--file-cache-max-size-mb=-1"]
+  mount = shlex.join(["gcsfuse", *GCSFUSE_FLAGS, *cache, args.mount_bucket, args.mount_point])
+  remote = (
+    f"{{ command -v gcsfuse > /dev/null || {{ {GCSFUSE_APT}; }}; }}"
+    f" && mkdir -p {point} && {{ mountpoint -q {point} || {mount}; }}"
+  )
+  return ssh_command(args, "all", remote)
+
+
 def train_command(args: argparse.Namespace) -> list[str]:
   env = commands.assignments(args.env, "--env", commands.ENV_NAME)
   setup = _and(["cd", REMOTE_DIR], *(["export", f"{k}={v}"] for k, v in env))
@@ -165,13 +201,13 @@ def _wait_until_ready(shell: commands.Shell, args: argparse.Namespace) -> None:
   if not args.queued:
     return
   if shell.dry_run:
-    shell.note(f"repeated every {args.poll_seconds} s until it prints ACTIVE:")
+    shell.note(f"repeated every {args.poll_seconds:g} s until it prints ACTIVE:")
     shell.run(describe_command(args))
     return
   while (state := shell.read(describe_command(args)).strip()) != "ACTIVE":
     if state in _QUEUED_FAILED:
       raise RuntimeError(f"queued resource {args.name} is {state}; `describe` it for the reason")
-    shell.note(f"queued resource {args.name} is {state}; asking again in {args.poll_seconds} s")
+    shell.note(f"queued resource {args.name} is {state}; asking again in {args.poll_seconds:g} s")
     time.sleep(args.poll_seconds)
 
 
@@ -184,6 +220,8 @@ def _install(shell: commands.Shell, args: argparse.Namespace) -> None:
   for cmd in upload_commands(args):
     shell.run(cmd)
   shell.run(install_command(args))
+  if args.mount_bucket:
+    shell.run(mount_command(args))
 
 
 def _with_log_dir(shell: commands.Shell, args: argparse.Namespace, cmd: list[str]) -> None:
@@ -220,7 +258,12 @@ def parse_flags(argv: Sequence[str] | None = None) -> argparse.Namespace:
   add("--runtime_version", help="TPU software version; default: by accelerator family.")
   add("--queued", action="store_true", help="Request a queued resource and wait for it.")
   add("--spot", action="store_true", help="Spot capacity (cheaper, can be preempted).")
-  add("--poll_seconds", type=int, default=60, help="Queued resource polling interval.")
+  add(
+    "--poll_seconds",
+    type=float,
+    default=60,
+    help="Interval of queued-resource polling and of supervise's checks.",
+  )
   add(
     "--source_dir",
     help=f"Local checkout to upload; default (without --repo): {commands.PROJECT_ROOT}.",
@@ -241,15 +284,36 @@ def parse_flags(argv: Sequence[str] | None = None) -> argparse.Namespace:
   add("--log_dir", help="Local folder for per-worker logs N.log instead of the console.")
   add("--worker", default="0", help="Worker(s) whose log `logs` follows: 0, 1-3 or all.")
   add("--detach", action="store_true", help="train: start training and return at once.")
-  add("--keep", action="store_true", help="run: do not delete the TPU at the end.")
+  add("--keep", action="store_true", help="run, supervise: do not delete the TPU at the end.")
+  add("--max_restarts", type=int, default=10, help="supervise: slice rebuilds before giving up.")
+  add("--backoff_seconds", type=float, default=60, help="supervise: wait before a rebuild.")
+  add("--max_backoff_seconds", type=float, default=1800, help="supervise: the doubling's cap.")
+  add(
+    "--stall_minutes",
+    type=float,
+    default=60,
+    help="supervise: rebuild when no new step was logged for this long (0: never).",
+  )
+  add("--mount_bucket", help="install: gcsfuse-mount this data bucket read-only on every worker.")
+  add("--mount_point", default="/tmp/gcsfuse", help="Where --mount_bucket is mounted.")
+  add("--mount_cache_dir", help="gcsfuse file cache folder on the workers (default: no cache).")
+  # Tests only: a local work directory, which workers of a real pod could not share.
+  add("--allow_local_workdir", action="store_true", help=argparse.SUPPRESS)
   add("--dry_run", action="store_true", help="Print the commands, run none.")
   args = parser.parse_args(argv)
 
   action = args.action
-  if action in ("run", "create") and not args.accelerator_type:
+  if action in ("run", "supervise", "create") and not args.accelerator_type:
     parser.error(f"{action} needs --accelerator_type")
-  if action in ("run", "train") and not (args.workdir or "").startswith("gs://"):
-    parser.error(f"{action} needs --workdir=gs://...: every worker reads and writes it")
+  if action in ("run", "supervise", "train", "status") and not args.workdir:
+    parser.error(f"{action} needs --workdir")
+  if action in ("run", "supervise", "train") and not args.workdir.startswith("gs://"):
+    if not args.allow_local_workdir:
+      parser.error(f"{action} needs --workdir=gs://...: every worker reads and writes it")
+  if args.mount_bucket:
+    args.mount_bucket = args.mount_bucket.removeprefix("gs://").strip("/")
+    if not args.mount_bucket or "/" in args.mount_bucket:
+      parser.error("--mount_bucket: a bucket name (gs://NAME), not a folder in it")
   if args.repo and args.source_dir:
     parser.error("give --repo or --source_dir, not both")
   if args.ref and not args.repo:
@@ -275,6 +339,10 @@ def main(argv: Sequence[str] | None = None) -> None:
   shell = commands.Shell(args.dry_run)
   if args.action == "run":
     _run(shell, args)
+  elif args.action in ("supervise", "status"):
+    from launch import tpu_supervisor  # It builds on this module's commands.
+
+    getattr(tpu_supervisor, args.action)(shell, args)
   elif args.action == "create":
     _create(shell, args)
   elif args.action == "install":

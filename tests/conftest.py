@@ -42,15 +42,9 @@ def gcs():
   pointed at it; `gcs.env` is the environment for subprocesses, `gcs.create_bucket(name)`."""
   from genmask_jax import gcs_emulator
 
-  with gcs_emulator.Emulator() as emulator:
-    saved = {k: os.environ.get(k) for k in emulator.env}
-    gcs_emulator.apply(emulator.env)
-    try:
-      yield emulator
-    finally:
-      for k, v in saved.items():
-        os.environ.pop(k) if v is None else os.environ.update({k: v})
-      gcs_emulator.apply({})
+  emulator = gcs_emulator.Emulator().start().stop_at_exit()
+  gcs_emulator.apply(emulator.env)
+  yield emulator
 
 
 @pytest.fixture

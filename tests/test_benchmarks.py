@@ -83,3 +83,22 @@ def test_vlm_precompute_benchmark_tiny_runs_on_cpu():
   # The store holds the analytic bf16 rows plus its per-record overhead.
   analytic, stored = float(rows["analytic bytes/sample"]), float(rows["stored bytes/sample"])
   assert analytic < stored < 1.5 * analytic
+
+
+def test_data_pipeline_benchmark_reads_local_and_gcs_stores():
+  """The pipeline benchmark at toy sizes, with latent stores, local and from the emulator."""
+  args = [
+    "--resolution=64", "--num_samples=16", "--steps=2", "--workers", "0", "--latents", "--gcs",
+    "--rounds=1", "--hidden=32", "--tokens=8", "--text_len=16", "--threads=2",
+  ]  # fmt: skip
+  env = dict(os.environ, PYTHONPATH=".")
+  result = subprocess.run(
+    [sys.executable, "-m", "benchmarks.data_pipeline", *args],
+    env=env,
+    capture_output=True,
+    text=True,
+    timeout=600,
+  )
+  assert result.returncode == 0, result.stderr[-3000:]
+  line = re.search(r"workers 0: local ([\d.]+) samples/s, gs:// ([\d.]+) samples/s", result.stdout)
+  assert line and float(line[1]) > 0 and float(line[2]) > 0, result.stdout
