@@ -171,6 +171,21 @@ def test_every_store_kind_reads_the_same_from_gcs(root, bucket):
         np.testing.assert_array_equal(a[task][key], b[task][key], err_msg=f"{task}/{key}")
 
 
+def test_sample_and_feature_stores_written_to_gcs(root, bucket):
+  """The writers themselves on gs:// (shards staged locally, uploaded whole, metadata last)."""
+  remote = f"{bucket}/written"
+  make_stores(remote)
+  for task in ("segmentation", "generation"):
+    assert list(records.RecordReader(f"{remote}/{task}")) == list(
+      records.RecordReader(os.path.join(root, task))
+    )
+    local, written = (FeatureReader(f"{r}/{task}_features") for r in (root, remote))
+    assert written.ids() == local.ids()
+    for sample_id in local.ids():
+      np.testing.assert_array_equal(written.get(sample_id), local.get(sample_id))
+  assert not [n for n in fileio.listdir(f"{remote}/segmentation") if fileio.is_temp_name(n)]
+
+
 def pooled(images: np.ndarray) -> np.ndarray:
   """A stand-in VAE encoder: 4x4 average pooling, channels tiled to 16."""
   b, r = images.shape[:2]
@@ -366,3 +381,30 @@ def test_pod_job_on_gcs_resumes_after_sigkill(root, gcs, bucket, tmp_path):
     assert result.returncode == 0, result.stderr[-3000:]
     masks[name] = {n: fileio.read_bytes(f"{out}/{n}") for n in fileio.listdir(out)}
   assert len(masks["gcs"]) == 6 and masks["gcs"] == masks["local"]
+
+
+def test_converted_weights_written_to_and_restored_from_gcs(gcs, bucket, tmp_path):
+  from safetensors.numpy import save_file
+  from test_dit import setup
+
+  from genmask_jax import weights
+  from genmask_jax.conversion.dit import convert_dit_file
+
+  config, _, state = setup()
+  source = str(tmp_path / "diffusion_pytorch_model.safetensors")
+  save_file(state, source)
+  out = f"{bucket}/wan21_init"
+  command = [sys.executable, "-m", "launch.convert_wan", "--config=configs/genmask.py:tiny"]
+  result = subprocess.run(
+    command + [f"--dit={source}", f"--out={out}"],
+    env=dict(ENV, **gcs.env),
+    capture_output=True,
+    text=True,
+    timeout=300,
+  )
+  assert result.returncode == 0, result.stderr[-3000:]
+  assert weights.read_record(out)["sources"] == {"dit": source}
+  expected, _ = convert_dit_file(source, config)
+  target = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), expected)
+  restored = weights.restore(out, "dit", target)
+  jax.tree.map(lambda a, b: np.testing.assert_array_equal(np.asarray(a), b), restored, expected)
