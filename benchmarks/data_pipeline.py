@@ -37,7 +37,8 @@ def _photo(rng: np.random.Generator, height: int, width: int) -> bytes:
   return cv2.imencode(".jpg", image, [cv2.IMWRITE_JPEG_QUALITY, 90])[1].tobytes()
 
 
-def _stores(root: str, task: str, args) -> dict:
+def make_stores(root: str, task: str, args) -> dict:
+  """A task's sample and feature stores (and latent store with args.latents) under `root`."""
   rng = np.random.default_rng(records.TASKS.index(task))
   samples = os.path.join(root, task)
   with records.RecordWriter(samples, 256) as writer:
@@ -131,7 +132,9 @@ def main() -> None:
     )
     for task in records.TASKS:
       cfg[task].update(
-        sources=[_stores(root, task, args)], resolution=args.resolution, batch_size=args.batch_size
+        sources=[make_stores(root, task, args)],
+        resolution=args.resolution,
+        batch_size=args.batch_size,
       )
     configs = {"local": cfg}
     if args.gcs:

@@ -46,6 +46,10 @@ class TrainCheckpoints:
   def latest_step(self) -> int | None:
     return self.manager.latest_step()
 
+  def is_save_step(self, step: int) -> bool:
+    """Whether `save(step, ...)` would save without `force`."""
+    return self.manager.should_save(step)
+
   def save(
     self,
     step: int,

@@ -199,6 +199,16 @@ def check_finite(step: int, metrics: dict[str, float]) -> None:
     )
 
 
+def publish_metrics(pending: list, writer: MetricWriter, schedule) -> None:
+  """Fetches the metrics of the steps in `pending` (step, device metrics) and writes them in
+  order; NonFiniteError at the first non-finite step. Empties `pending`."""
+  for step, metrics in jax.device_get(pending):
+    metrics = {k: float(v) for k, v in metrics.items()}
+    check_finite(step, metrics)
+    writer.write(step, dict(metrics, lr=float(schedule(step - 1))))
+  pending.clear()
+
+
 def train(
   config: ml_collections.ConfigDict, workdir: str, batches: Iterator[dict] | None = None
 ) -> TrainState:
@@ -239,22 +249,30 @@ def train(
     samples_per_step = tasks * config.data.segmentation.batch_size * jax.process_count()
     writer = MetricWriter(workdir, config.total_steps, samples_per_step, config.log_every)
     first_step = int(state.step) + 1
+    # The host never waits for a step: metrics stay on the device until a log, evaluation or
+    # checkpoint step, and the next batch is read and transferred while the step runs.
+    pending = []
+    batch = device_batch(next(batches), mesh) if first_step <= config.total_steps else None
     try:
       for step in range(first_step, config.total_steps + 1):
-        batch = device_batch(next(batches), mesh)
         if step == first_step:  # Compile first, then all processes start stepping together.
           step_fn = step_fn.lower(state, frozen_vae, batch, rng).compile()
           distributed.wait_for_peers("train_step_compiled")
         state, metrics = step_fn(state, frozen_vae, batch, rng)
-        metrics = {k: float(v) for k, v in jax.device_get(metrics).items()}
-        check_finite(step, metrics)
-        writer.write(step, dict(metrics, lr=float(schedule(step - 1))))
+        pending.append((step, metrics))
         preempted = preemption.reached(step)
-        if ckpt.save(step, state, batches, config, force=step == config.total_steps or preempted):
+        save = step == config.total_steps or preempted or ckpt.is_save_step(step)
+        evaluate_now = config.eval.every_steps and step % config.eval.every_steps == 0
+        if save or evaluate_now or step % config.log_every == 0:
+          publish_metrics(pending, writer, schedule)  # Raises before a non-finite state is saved.
+        if save:
+          ckpt.save(step, state, batches, config, force=True)
           writer.flush()  # Every step up to a checkpoint is published before it can resume.
         if preempted:  # `finally` waits for this step's checkpoint; the process then exits 0.
           break
-        if config.eval.every_steps and step % config.eval.every_steps == 0:
+        if step < config.total_steps:  # After the save: the saved data state is this step's.
+          batch = device_batch(next(batches), mesh)
+        if evaluate_now:
           out_dir = os.path.join(workdir, "eval", f"step_{step}")
           results = evaluate.evaluate_params(
             models, state.params, frozen_vae, config, mesh, out_dir
