@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import sys
 import time
 import uuid
@@ -20,6 +21,11 @@ from absl import logging
 from genmask_jax import fileio
 
 SYNC_EVERY_S = 60.0
+
+
+def tensorboard_name(name: str) -> str:
+  """`name` in the characters TensorBoard accepts ("Prec@0.5" -> "Prec_at_0.5")."""
+  return re.sub(r"[^\w./-]", "_", name.replace("@", "_at_"))
 
 
 class MetricWriter:
@@ -85,7 +91,7 @@ class MetricWriter:
 
   def _record(self, step: int, scalars: Mapping[str, float]) -> None:
     for name, value in scalars.items():
-      self._tb.add_scalar(name, value, step)
+      self._tb.add_scalar(tensorboard_name(name), value, step)
     self._jsonl.write(json.dumps(dict(scalars, step=step)) + "\n")
     self._jsonl.flush()
 

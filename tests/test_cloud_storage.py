@@ -103,18 +103,22 @@ def test_metric_writer_on_gcs(bucket):
   writer.flush()
   assert fileio.read_text(f"{bucket}/run/metrics.jsonl").count("\n") == 1
   writer.write(2, {"loss": 0.25})
+  writer.write_eval(2, {"val": {"Prec@0.5": 0.75}})
   writer.close()
   writer = MetricWriter(f"{bucket}/run", total_steps=4, samples_per_step=2, log_every=2)
   writer.write(3, {"loss": 0.125})  # A resumed run.
   writer.close()
   lines = fileio.read_text(f"{bucket}/run/metrics.jsonl").splitlines()
-  assert [json.loads(line)["step"] for line in lines] == [1, 2, 3]
+  rows = [json.loads(line) for line in lines]
+  assert [r["step"] for r in rows if "loss" in r] == [1, 2, 3]
+  assert [r for r in rows if "loss" not in r] == [{"eval/val/Prec@0.5": 0.75, "step": 2}]
   files = fileio.listdir(f"{bucket}/run/tensorboard")
   assert len(files) == 2  # One event file per run.
   events = {}
   for name in files:
     events |= scalars(read_events(f"{bucket}/run/tensorboard/{name}"))
   assert events[("loss", 1)] == 0.5 and events[("loss", 3)] == 0.125
+  assert events[("eval/val/Prec_at_0.5", 2)] == 0.75  # A name TensorBoard accepts.
 
 
 def test_client_library_and_credentials_errors_name_the_path(gcs):
