@@ -11,6 +11,8 @@ Every tensor must be used exactly once; the report lists what was set aside and 
 
 from __future__ import annotations
 
+import os
+
 from absl import app, flags, logging
 from ml_collections import config_flags
 
@@ -30,9 +32,10 @@ def main(argv: list[str]) -> None:
   config, out = _CONFIG.value, _OUT.value
   if not (_DIT.value or _VAE.value):
     raise app.UsageError("give --dit and/or --vae")
-  if fileio.exists(out):
-    if not _OVERWRITE.value:
-      raise app.UsageError(f"{out} exists; pass --overwrite to replace it")
+  if fileio.exists(os.path.join(out, weights.RECORD)) and not _OVERWRITE.value:
+    raise app.UsageError(f"{out} holds a finished conversion; pass --overwrite to replace it")
+  if fileio.exists(out):  # Finished and --overwrite, or left by a failed run: redone.
+    logging.info("replacing %s", out)
     fileio.rmtree(out)
   fileio.makedirs(out)
   record = {"config": config.to_dict(), "sources": {}, "set_aside": {}}

@@ -141,9 +141,24 @@ def _pascal_part(args) -> tuple[Iterable, None]:
   return _with_split(args.split, samples), None
 
 
+REASONSEG_SPLITS = ("train", "val", "test")
+
+
 def _reasonseg(args) -> tuple[Iterable, None]:
+  def folder(split: str) -> str:
+    return os.path.join(args.root, split)
+
+  splits = args.splits or [s for s in REASONSEG_SPLITS if os.path.isdir(folder(s))]
+  for split in args.splits or REASONSEG_SPLITS:
+    if not os.path.isdir(folder(split)):
+      if args.splits:  # Asked for by name: an error, not a skip.
+        raise SystemExit(f"--splits: no folder {folder(split)}")
+      print(f"skipping split {split!r}: {folder(split)} does not exist")
+  if not splits:
+    raise SystemExit(f"--root={args.root}: none of the folders {list(REASONSEG_SPLITS)} exists")
+
   def samples():
-    for split in args.splits:
+    for split in splits:
       texts = args.texts or ("all" if split == "train" else "first")
       split_dir = os.path.join(args.root, split)
       yield from _with_split(split, reasonseg.reasonseg_samples(split_dir, split, texts))
@@ -239,7 +254,9 @@ def _parser() -> argparse.ArgumentParser:
 
   sub = command("reasonseg", _reasonseg, "ReasonSeg (<root>/<split>/*.jpg + *.json).")
   sub.add_argument("--root", required=True)
-  sub.add_argument("--splits", nargs="+", default=["train", "val", "test"])
+  sub.add_argument(
+    "--splits", nargs="+", help="Default: those of train, val, test that exist under --root."
+  )
   sub.add_argument(
     "--texts", choices=reasonseg.TEXTS, help="Default: every query for train, the first else."
   )
@@ -262,15 +279,22 @@ def _parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> dict[str, int]:
   args = _parser().parse_args(argv)
-  if fileio.listdir(args.output) and not args.overwrite:
-    raise SystemExit(f"{args.output} is not empty; pass --overwrite to replace it")
+  complete = [
+    s
+    for s in fileio.listdir(args.output)
+    if fileio.exists(f"{args.output}/{s}/{records.META_FILE}")
+  ]
+  if complete and not args.overwrite:
+    raise SystemExit(
+      f"{args.output} holds finished stores ({', '.join(complete)}); pass --overwrite to replace"
+    )
   samples, total = args.run(args)
   info = {k: v for k, v in vars(args).items() if k not in ("run", "overwrite")}
   counts = write_splits(
     samples,
     args.output,
     shard_size=args.shard_size,
-    overwrite=args.overwrite,
+    overwrite=True,  # Finished stores were refused above; unfinished ones are redone.
     info=info,
     total=total,
   )

@@ -251,7 +251,7 @@ def test_prepare_data_writes_a_store_to_gcs(gcs, bucket, tmp_path):
   result = subprocess.run(
     command + [f"--output={bucket}/data"], env=env, capture_output=True, text=True
   )
-  assert result.returncode != 0 and "is not empty; pass --overwrite" in result.stderr
+  assert result.returncode != 0 and "holds finished stores" in result.stderr
 
 
 def pod_command(root: str, workdir: str, process_id: int, port: int, *flags: str) -> list[str]:
