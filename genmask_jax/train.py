@@ -237,6 +237,8 @@ def train(
     )
     latest = ckpt.latest_step()
     if latest is None:
+      source = config.init.weights or f"a random initialization (seed {config.seed})"
+      logging.info("starting at step 0; DiT weights from %s", source)
       state = initial_train_state(models, config, optimizer, mesh, rules)
     else:
       logging.info("resuming from step %d", latest)

@@ -16,7 +16,7 @@ import os
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from genmask_jax import fileio, weights
+from genmask_jax import fileio, log_filter, weights
 from genmask_jax.conversion.dit import convert_dit_file
 
 _CONFIG = config_flags.DEFINE_config_file("config", "configs/genmask.py", "Model config.")
@@ -29,6 +29,7 @@ _SEED = flags.DEFINE_integer("seed", 0, "Seed for layers that are re-initialized
 
 def main(argv: list[str]) -> None:
   del argv
+  log_filter.quiet_library_logs()
   config, out = _CONFIG.value, _OUT.value
   if not (_DIT.value or _VAE.value):
     raise app.UsageError("give --dit and/or --vae")

@@ -29,7 +29,7 @@ from collections.abc import Sequence
 from absl import app, flags, logging
 from PIL import Image
 
-from genmask_jax import fileio
+from genmask_jax import fileio, log_filter
 from genmask_jax.data.features import (
   MANIFEST_FILE,
   FeatureError,
@@ -212,6 +212,7 @@ def fan_out() -> None:
 
 def main(argv: list[str]) -> None:
   del argv
+  log_filter.quiet_library_logs()
   if len(_SAMPLES.value) != len(_OUT.value):
     raise app.UsageError(
       f"--samples names {len(_SAMPLES.value)} stores and --out {len(_OUT.value)}; "
