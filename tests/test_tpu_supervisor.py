@@ -257,13 +257,10 @@ def test_supervisor_survives_two_preemptions_and_its_own_restart(root, reference
   assert "restarts:    2 of at most 3" in out and "eta:         0.0 h" in out
 
 
-def test_supervisor_gives_up_after_max_restarts(root, source, tmp_path):
-  """Preempted at every start: one restart, then a clear stop; the slice is deleted."""
-  cloud = FakeCloud(tmp_path, preemptions=5, mode="start")
-  workdir = str(tmp_path / "run")
-  argv = supervise_argv(root, workdir, source, "--max_restarts=1")
+def run_supervisor(cloud, argv: list[str]) -> subprocess.CompletedProcess:
+  """Runs the supervisor to its end; every process of the fake cloud is killed afterwards."""
   try:
-    result = subprocess.run(
+    return subprocess.run(
       argv,
       env=cloud.env,
       cwd=commands.PROJECT_ROOT,
@@ -273,6 +270,14 @@ def test_supervisor_gives_up_after_max_restarts(root, source, tmp_path):
     )
   finally:
     cloud.kill_all()
+
+
+def test_supervisor_gives_up_after_max_restarts(root, source, tmp_path):
+  """Preempted at every start: one restart, then a clear stop; the slice is deleted."""
+  cloud = FakeCloud(tmp_path, preemptions=5, mode="start")
+  workdir = str(tmp_path / "run")
+  argv = supervise_argv(root, workdir, source, "--max_restarts=1")
+  result = run_supervisor(cloud, argv)
   assert result.returncode == 1, result.stderr[-3000:]
   assert "[supervisor] gave up: slice SUSPENDED (preempted or lost); --max_restarts=1 reached" in (
     result.stderr
@@ -288,17 +293,7 @@ def test_supervisor_stops_when_training_fails_again_without_progress(root, sourc
   cloud = FakeCloud(tmp_path, preemptions=0)
   workdir = str(tmp_path / "run")
   argv = supervise_argv(root, workdir, source, "--max_restarts=5", "--config_overrides=nope=1")
-  try:
-    result = subprocess.run(
-      argv,
-      env=cloud.env,
-      cwd=commands.PROJECT_ROOT,
-      capture_output=True,
-      text=True,
-      timeout=HANG_GUARD_S,
-    )
-  finally:
-    cloud.kill_all()
+  result = run_supervisor(cloud, argv)
   assert result.returncode == 1, result.stderr[-3000:]
   assert "gave up: training exited 1 on a worker again, without progress: see `logs`" in (
     result.stderr
