@@ -87,11 +87,11 @@ def _errors(path: str) -> Iterator[None]:
     raise
 
 
-def _gcs():
-  """The gcsfs file system (epath's own instance)."""
+def _fs(path: str):
+  """The fsspec file system of object-store URL `path` (epath's own instance)."""
   from etils.epath import backend
 
-  return backend.fsspec_backend.fs("gs://")
+  return backend.fsspec_backend.fs(path)
 
 
 def reset_clients() -> None:
@@ -157,7 +157,7 @@ def read_range(path: str, start: int, length: int) -> bytes:
   """`length` bytes of file `path` from offset `start` (one ranged request on gs://)."""
   with _errors(path):
     if is_remote(path):
-      return _gcs().cat_file(path, start=start, end=start + length)
+      return _fs(path).cat_file(path, start=start, end=start + length)
     with open(path, "rb") as f:
       f.seek(start)
       return f.read(length)
@@ -198,7 +198,7 @@ class StagedFile:
   def publish(self) -> None:
     if is_remote(self.path):
       with _errors(self.path):
-        _gcs().put_file(self.local, self.path)
+        _fs(self.path).put_file(self.local, self.path)
       os.remove(self.local)
     else:
       os.chmod(self.local, 0o666 & ~_umask())  # mkstemp makes 0600; others may need to read it.
@@ -247,21 +247,6 @@ def is_temp_name(name: str) -> bool:
   return ".tmp-" in name
 
 
-@contextlib.contextmanager
-def local_copy(path: str) -> Iterator[str]:
-  """A local path holding file `path`'s bytes (a downloaded temp copy for object storage)."""
-  if not is_remote(path):
-    if not os.path.exists(path):
-      raise FileNotFoundError(f"{path} does not exist")
-    yield path
-    return
-  with tempfile.TemporaryDirectory() as folder:
-    local = os.path.join(folder, os.path.basename(path))
-    with _errors(path):
-      _gcs().get_file(path, local)
-    yield local
-
-
 def upload_tree(local: str, destination: str) -> None:
   """Copies local folder `local` to `destination` (local or remote), file by file, atomically."""
   for name in sorted(os.listdir(local)):
@@ -294,7 +279,7 @@ class StagedFolder:
     for name in resume:
       if exists(os.path.join(path, name)):
         with _errors(path):
-          _gcs().get_file(os.path.join(path, name), os.path.join(self.local, name))
+          _fs(path).get_file(os.path.join(path, name), os.path.join(self.local, name))
 
   def sync(self) -> None:
     if self.local == self.path:
