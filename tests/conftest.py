@@ -35,6 +35,24 @@ torch.set_num_threads(2)
 
 import pytest  # noqa: E402
 
+SHARED_ENV = "GENMASK_SHARED"
+
+
+def shared_file(relative: str) -> str:
+  """A file of the project's shared/ folder: `$GENMASK_SHARED` if set, else `shared/` beside
+  the checkout (CI clones the repository next to a copy of it). Absent, the test fails naming
+  where it looked: a missing fixture is a broken set-up, not a reason to skip."""
+  checkout = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+  root = os.environ.get(SHARED_ENV) or os.path.join(os.path.dirname(checkout), "shared")
+  path = os.path.join(root, relative)
+  if not os.path.isfile(path):
+    where = f"${SHARED_ENV}={root}" if os.environ.get(SHARED_ENV) else f"{root} (beside the repo)"
+    raise FileNotFoundError(
+      f"test fixture {relative} not found under {where}: put the project's shared/ folder "
+      f"beside the checkout or set {SHARED_ENV} to it"
+    )
+  return path
+
 
 @pytest.fixture(scope="session")
 def gcs():

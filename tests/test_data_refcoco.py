@@ -10,12 +10,12 @@ import collections
 import importlib.resources
 import json
 import os
-import pathlib
 import pickle
 import sys
 
 import numpy as np
 import pytest
+from conftest import shared_file
 from PIL import Image
 from pycocotools.coco import COCO
 
@@ -23,18 +23,8 @@ from genmask_jax.data import records
 from genmask_jax.data.sources import refcoco
 from launch import prepare_data
 
-# TFDS's upstream dummy `refcoco.json`, in the shared/ folder beside the checkout.
-FIXTURE = (
-  next(
-    str(p)
-    for p in (
-      pathlib.Path(__file__).resolve().parents[2] / "shared",
-      pathlib.Path("/work/shared"),
-    )
-    if (p / "fixtures").is_dir()
-  )
-  + "/fixtures/refcoco_tfds_dummy/refcoco.json"
-)
+# TFDS's upstream dummy `refcoco.json`, in the shared/ folder (conftest.shared_file).
+FIXTURE = "fixtures/refcoco_tfds_dummy/refcoco.json"
 UPSTREAM_SPLITS = {
   ("refcoco", "unc"): {"train", "val", "testA", "testB"},
   ("refcoco", "google"): {"train", "val", "test"},
@@ -52,7 +42,7 @@ TFDS_CONFIGS = {
 @pytest.fixture(scope="module")
 def files(tmp_path_factory):
   root = tmp_path_factory.mktemp("refcoco")
-  with open(FIXTURE) as f:
+  with open(shared_file(FIXTURE)) as f:
     data = json.load(f)
   with open(root / "refcoco.json", "w") as f:
     json.dump(data, f)
@@ -210,12 +200,15 @@ def test_prepared_tfds_gives_the_same_samples(files, tfds_dir, tmp_path, config)
       assert sample == {**want, "source": {**want["source"], "ref_id": None}}
 
 
-def test_refuses_existing_output(files, tmp_path):
+def test_refuses_finished_output(files, tmp_path):
+  """Finished stores are refused without --overwrite; a folder a failed run left (no store
+  finished) is redone."""
   root, _ = files
+  argv = ["refcoco-json", "--json", str(root / "refcoco.json"), "--dataset", "refcoco"]
+  argv += ["--split_by", "unc", "--output", str(tmp_path / "old")]
   (tmp_path / "old").mkdir()
   (tmp_path / "old" / "x").write_text("")
-  with pytest.raises(SystemExit, match="--overwrite"):
-    _convert(
-      ["refcoco-json", "--json", str(root / "refcoco.json"), "--dataset", "refcoco"]
-      + ["--split_by", "unc", "--output", str(tmp_path / "old")]
-    )
+  first = _convert(argv)
+  with pytest.raises(SystemExit, match="holds finished stores .*--overwrite"):
+    _convert(argv)
+  assert _convert([*argv, "--overwrite"]) == first

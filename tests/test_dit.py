@@ -9,13 +9,13 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 import torch
+from diffusers.loaders.single_file_utils import convert_wan_transformer_to_diffusers
 from flax import linen as nn
 from safetensors.numpy import save_file
 from torch_reference import randomize_, state_dict_numpy
 
 from configs.models import wan_dit
 from genmask_jax.conversion.dit import (
-  _DIFFUSERS_TO_ORIGINAL,
   convert_dit_file,
   diffusers_kwargs,
   diffusers_to_original_name,
@@ -31,9 +31,57 @@ def reference_model(cfg, seed=0):
   return randomize_(model, seed).eval()
 
 
-def original_layout(state: dict) -> dict:
-  """The original WAN names of a diffusers state dict (the converter's map, inverted by use)."""
-  return {diffusers_to_original_name(k): v for k, v in state.items()}
+# WAN-2.1's own module names (Wan-Video/Wan2.1, wan/modules/model.py, `WanModel`) and the
+# diffusers module each one became, written from WAN's module tree rather than from our
+# converter, so that the original-layout parity tests do not rest on the table they test.
+# Modules with a weight and a bias (Linear, Conv3d, affine LayerNorm):
+_WAN_MODULES = {
+  "patch_embedding": "patch_embedding",  # nn.Conv3d
+  "text_embedding.0": "condition_embedder.text_embedder.linear_1",  # Linear, GELU, Linear
+  "text_embedding.2": "condition_embedder.text_embedder.linear_2",
+  "time_embedding.0": "condition_embedder.time_embedder.linear_1",  # Linear, SiLU, Linear
+  "time_embedding.2": "condition_embedder.time_embedder.linear_2",
+  "time_projection.1": "condition_embedder.time_proj",  # SiLU, Linear
+  "head.head": "proj_out",  # Head: norm (no affine), head, modulation
+}
+# `WanAttentionBlock` (norm1 and norm2 have no parameters; norm3 is the cross-attention's affine
+# LayerNorm, cross_attn_norm=True; q/k/v/o Linears, norm_q/norm_k WanRMSNorm with a weight only):
+_WAN_BLOCK_MODULES = {
+  **{f"self_attn.{n}": f"attn1.to_{n}" for n in "qkv"},
+  "self_attn.o": "attn1.to_out.0",
+  **{f"cross_attn.{n}": f"attn2.to_{n}" for n in "qkv"},
+  "cross_attn.o": "attn2.to_out.0",
+  "norm3": "norm2",
+  "ffn.0": "ffn.net.0.proj",  # Linear, GELU, Linear
+  "ffn.2": "ffn.net.2",
+}
+_WAN_BLOCK_RMS_NORMS = {
+  f"{a}.{n}": f"{b}.{n}"
+  for a, b in (("self_attn", "attn1"), ("cross_attn", "attn2"))
+  for n in ("norm_q", "norm_k")
+}
+
+
+def wan_names(num_layers: int) -> dict[str, str]:
+  """WAN name -> diffusers name of every tensor of a T2V `WanModel` with `num_layers` blocks."""
+  names = {"head.modulation": "scale_shift_table"}  # nn.Parameter (1, 2, dim)
+  for w, d in _WAN_MODULES.items():
+    names.update({f"{w}.{p}": f"{d}.{p}" for p in ("weight", "bias")})
+  for i in range(num_layers):
+    names[f"blocks.{i}.modulation"] = f"blocks.{i}.scale_shift_table"  # nn.Parameter (1, 6, dim)
+    for w, d in _WAN_BLOCK_MODULES.items():
+      for p in ("weight", "bias"):
+        names[f"blocks.{i}.{w}.{p}"] = f"blocks.{i}.{d}.{p}"
+    for w, d in _WAN_BLOCK_RMS_NORMS.items():
+      names[f"blocks.{i}.{w}.weight"] = f"blocks.{i}.{d}.weight"
+  return names
+
+
+def original_layout(state: dict, num_layers: int) -> dict:
+  """A diffusers state dict under WAN's original names (every tensor named exactly once)."""
+  names = wan_names(num_layers)
+  assert sorted(names.values()) == sorted(state)
+  return {wan: state[diffusers] for wan, diffusers in names.items()}
 
 
 @functools.cache
@@ -51,7 +99,7 @@ def converted(tmp_path_factory):
   diffusers_path = str(folder / "diffusion_pytorch_model.safetensors")
   save_file(state, diffusers_path)
   original_path = str(folder / "wan_original.safetensors")
-  save_file(original_layout(state), original_path)
+  save_file(original_layout(state, cfg.num_layers), original_path)
   return {
     "diffusers": convert_dit_file(diffusers_path, cfg)[0],
     "original": convert_dit_file(original_path, cfg)[0],
@@ -247,22 +295,22 @@ def test_text_width_change_reinitializes_first_text_layer(tmp_path):
   )
 
 
-def test_rename_table_is_complete():
-  """Every diffusers key of the reference model is renamed to an original WAN name."""
-  _, _, state = setup()
-  renamed = [diffusers_to_original_name(k) for k in state]
-  assert len(set(renamed)) == len(state)
-  diffusers_only = (
-    "condition_embedder",
-    "attn1",
-    "attn2",
-    "to_out",
-    "scale_shift_table",
-    "proj_out",
-    "ffn.net",
-  )
-  assert not [k for k in renamed if any(p in k for p in diffusers_only)]
-  assert len(_DIFFUSERS_TO_ORIGINAL) > 0
+def test_wan_names_match_diffusers_own_converter():
+  """The test's WAN names, fed to diffusers' original -> diffusers converter, give back the
+  reference model's state dict: the table above agrees with a third party's reading of WAN."""
+  cfg, _, state = setup()
+  original = original_layout(state, cfg.num_layers)
+  back = convert_wan_transformer_to_diffusers(dict(original))
+  assert sorted(back) == sorted(state)
+  for key, value in back.items():
+    assert value is state[key], key
+
+
+def test_converter_renames_every_diffusers_key_to_its_wan_name():
+  """Our converter's table sends each diffusers name to WAN's name for the same tensor."""
+  cfg, _, state = setup()
+  expected = {d: w for w, d in wan_names(cfg.num_layers).items()}
+  assert {k: diffusers_to_original_name(k) for k in state} == expected
 
 
 def test_parameter_count_1p3b():

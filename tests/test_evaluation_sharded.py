@@ -3,14 +3,12 @@ whatever the batch size, with padding never counted."""
 
 import json
 import os
-import socket
-import subprocess
 import sys
-import time
 
 import jax
 import numpy as np
 import pytest
+from processes import PORT_TAKEN, Processes, free_port, wait
 
 from genmask_jax import metrics, sharding
 from genmask_jax.evaluation import reduce
@@ -149,34 +147,33 @@ with open(out, "w") as f:
 """
 
 
-def free_port() -> int:
-  with socket.socket() as s:
-    s.bind(("localhost", 0))
-    return s.getsockname()[1]
-
-
 @pytest.mark.xdist_group("heavy")
 def test_two_processes_give_every_process_the_single_process_result(tmp_path):
   root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-  env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"} | {"PYTHONPATH": root}
-  port, workers, logs = free_port(), [], [tmp_path / f"log{p}.txt" for p in range(2)]
-  try:
-    for p in range(2):
-      command = [sys.executable, "-c", WORKER, str(p), str(port), str(tmp_path / f"{p}.json")]
-      with open(logs[p], "w") as log:
-        workers.append(subprocess.Popen(command, cwd=root, env=env, stdout=log, stderr=log))
-    deadline = time.monotonic() + 60
-    # A failed worker leaves the other waiting in a collective: stop at the first failure.
-    while time.monotonic() < deadline and any(w.poll() is None for w in workers):
-      if any(w.poll() for w in workers):
-        break
-      time.sleep(0.2)
-  finally:
-    for w in workers:
-      w.kill()
-      w.wait()
+  # The worker imports this module, which imports tests/processes.py.
+  pythonpath = f"{root}{os.pathsep}{os.path.join(root, 'tests')}"
+  env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"} | {"PYTHONPATH": pythonpath}
+  for attempt in range(3):  # Again on another port if one was taken before the coordinator's bind.
+    port = free_port()
+    with Processes() as processes:
+      workers = [
+        processes.start(
+          [sys.executable, "-c", WORKER, str(p), str(port), str(tmp_path / f"{p}.json")],
+          tmp_path / f"log{p}-{attempt}.txt",
+          cwd=root,
+          env=env,
+        )
+        for p in range(2)
+      ]
+      # A failed worker leaves the other waiting in a collective: wait() stops at the first
+      # failure, and leaving the block kills what is left.
+      wait(workers, [str(tmp_path)])
+      processes.kill()
+      logs = [processes.log(w) for w in workers]
+    if all(w.returncode == 0 for w in workers) or not any(map(PORT_TAKEN.search, logs)):
+      break
   for w, log in zip(workers, logs, strict=True):
-    assert w.returncode == 0, log.read_text()[-3000:]
+    assert w.returncode == 0, log[-3000:]
   want = host_reference(make_split(11, seed=1))
   assert want.count == 11
   results = [json.loads((tmp_path / f"{p}.json").read_text()) for p in range(2)]

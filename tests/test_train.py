@@ -2,16 +2,17 @@
 
 import json
 import os
+import shutil
 import signal
-import subprocess
 import sys
-import time
+import tempfile
 
 import jax
 import numpy as np
 import pytest
 from conftest import fake_devices
 from flax import linen as nn
+from processes import PORT_TAKEN, Processes, free_port, wait
 from train_config import get_config
 from training_data import make_stores
 
@@ -28,11 +29,16 @@ def cli(root, workdir, devices=8, *overrides):
   return command + [f"--workdir={workdir}", *overrides], env
 
 
-def run_cli(root, workdir, devices=8, *overrides):
+def run_cli(root, workdir, devices=8, *overrides) -> None:
+  """The training CLI to its end; a hang fails after STALL_S seconds with no output."""
   command, env = cli(root, workdir, devices, *overrides)
-  result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=600)
-  assert result.returncode == 0, result.stderr[-3000:]
-  return result
+  workdir = str(workdir).rstrip("/")
+  fd, log = tempfile.mkstemp(".log", os.path.basename(workdir) + "-", os.path.dirname(workdir))
+  os.close(fd)
+  with Processes() as processes:
+    process = processes.start(command, log, env=env)
+    wait([process], [log, workdir])
+    assert process.wait() == 0, processes.log(process)[-3000:]
 
 
 def losses(workdir) -> dict[int, float]:
@@ -101,33 +107,39 @@ def test_sharded_losses_match_single_device(root, sharded_run, tmp_path):
   assert one[8] < one[1]  # It learns.
 
 
+def run_workers(root, workdir, n) -> None:
+  """tests/multiprocess_worker.py as `n` processes of one run: the coordinator's port chosen by
+  the OS, and chosen again if another process took it before the coordinator bound it."""
+  env = dict(ENV, XLA_FLAGS=fake_devices(8 // n))
+  script = "tests/multiprocess_worker.py"
+  for attempt in range(3):
+    shutil.rmtree(workdir, ignore_errors=True)  # Nothing of a failed attempt is resumed.
+    port = free_port() if n > 1 else 0
+    with Processes() as processes:
+      logs = [f"{workdir}.worker{i}-attempt{attempt}.log" for i in range(n)]
+      workers = [
+        processes.start(
+          [sys.executable, script, root, workdir, str(n), str(i), str(port)], logs[i], env=env
+        )
+        for i in range(n)
+      ]
+      wait(workers, [*logs, workdir])
+      processes.kill()  # A failed peer leaves the others waiting: stop them too.
+      outputs = [processes.log(w) for w in workers]
+    if all(w.returncode == 0 for w in workers):
+      return
+    if not any(PORT_TAKEN.search(out) for out in outputs):
+      break
+  failed = [out for w, out in zip(workers, outputs, strict=True) if w.returncode != 0]
+  raise AssertionError((failed or outputs)[0][-3000:])
+
+
 @pytest.mark.xdist_group("heavy")
 def test_two_processes_match_one(root, tmp_path):
   """2 processes x 4 fake devices (jax.distributed on 127.0.0.1) == 1 process x 8 devices."""
-
-  def worker(workdir, n, i, port):
-    env = dict(ENV, XLA_FLAGS=fake_devices(8 // n))
-    args = [
-      sys.executable,
-      "tests/multiprocess_worker.py",
-      root,
-      workdir,
-      str(n),
-      str(i),
-      str(port),
-    ]
-    return subprocess.Popen(
-      args, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True
-    )
-
-  port = 20000 + os.getpid() % 20000
-  pair = [worker(str(tmp_path / "two"), 2, i, port) for i in range(2)]
-  for p in pair:  # The reference runs after the pair: less contention between the peers.
-    _, err = p.communicate(timeout=600)
-    assert p.returncode == 0, err[-3000:]
-  one = worker(str(tmp_path / "one"), 1, 0, 0)
-  _, err = one.communicate(timeout=600)
-  assert one.returncode == 0, err[-3000:]
+  # The reference runs after the pair: less contention between the peers.
+  run_workers(root, str(tmp_path / "two"), 2)
+  run_workers(root, str(tmp_path / "one"), 1)
   two_losses, one_losses = losses(tmp_path / "two"), losses(tmp_path / "one")
   assert sorted(two_losses) == [1, 2, 3, 4]  # Only process 0 logs: one line per step.
   with open(tmp_path / "two" / "metrics.jsonl") as f:
@@ -149,7 +161,13 @@ def test_eval_mode_scores_the_latest_checkpoint(root, sharded_run):
   run_cli(root, sharded_run, 8, "--mode=eval", "--config.mesh.data=2", "--config.mesh.fsdp=4")
   with open(os.path.join(sharded_run, "eval", "results.json")) as f:
     results = json.load(f)["synthetic_train"]
-  assert results["samples"] == 32 and 0 <= results["gIoU"] <= 1
+  # The latest checkpoint is step 8, which the training run evaluated with the same code and
+  # mesh: every metric agrees (an older checkpoint, other weights or other samples would not).
+  with open(os.path.join(sharded_run, "eval", "step_8", "results.json")) as f:
+    at_step_8 = json.load(f)["synthetic_train"]
+  assert results.keys() == at_step_8.keys() and results["samples"] == 32
+  for metric, value in at_step_8.items():
+    assert results[metric] == pytest.approx(value, abs=1e-6), metric
   assert os.path.exists(os.path.join(sharded_run, "eval", "synthetic_train_overlays.png"))
 
 
@@ -157,14 +175,16 @@ def test_resume_after_sigkill_is_exact(root, sharded_run, tmp_path):
   """Kill -9 mid-run, restart the same command: same final parameters and the same data order."""
   workdir = str(tmp_path / "killed")
   command, env = cli(root, workdir, 8, "--config.mesh.data=2", "--config.mesh.fsdp=4")
-  process = subprocess.Popen(command, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
   checkpoints = os.path.join(workdir, "checkpoints")
-  deadline = time.time() + 600
-  while not (os.path.isdir(checkpoints) and {"2", "4"} <= set(os.listdir(checkpoints))):
-    assert process.poll() is None and time.time() < deadline, "run ended before the kill"
-    time.sleep(0.02)
-  process.send_signal(signal.SIGKILL)
-  process.wait()
+  reached = lambda: os.path.isdir(checkpoints) and {"2", "4"} <= set(os.listdir(checkpoints))
+  log = str(tmp_path / "killed.log")
+  with Processes() as processes:
+    process = processes.start(command, log, env=env)
+    # Polled every 20 ms: steps 5 to 8 take far longer, so the kill lands mid-run.
+    wait([process], [log, workdir], until=reached, poll_s=0.02)
+    assert process.poll() is None, "run ended before the kill:\n" + processes.log(process)[-3000:]
+    process.send_signal(signal.SIGKILL)
+    process.wait()
   assert process.returncode == -signal.SIGKILL
   assert "8" not in os.listdir(checkpoints)  # Killed mid-run.
 
@@ -222,5 +242,5 @@ def test_resume_with_another_state_layout_names_the_checkpoint(root, tmp_path):
   train.train(config, workdir)
   config.total_steps = 3  # The linear-BCE format adds a mask head to the trained parameters.
   config.diffusion.segmentation_loss, config.segment.decoder = "linear_bce", "linear"
-  with pytest.raises(ValueError, match=r"checkpoints/2: the saved train state does not have"):
+  with pytest.raises(ValueError, match=r"segmentation_loss is 'mse' in the run, 'linear_bce' here"):
     train.train(config, workdir)

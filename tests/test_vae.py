@@ -141,7 +141,10 @@ def test_bf16_close_to_fp32(converted):
     assert half.dtype == np.float32 and np.isfinite(half).all()
     errors[method] = np.abs(half - full).max()
   print(f"bf16 vs fp32 max |diff|: encode {errors['encode']:.3e}, decode {errors['decode']:.3e}")
-  assert errors["encode"] < 0.25 and errors["decode"] < 0.25
+  # Measured on these seeded inputs (CPU, XLA): encode 1.09e-2 (latents of order 1), decode
+  # 4.18e-2 (pixels in [-1, 1]); about 3x that leaves room for other CPUs' bf16 rounding while a
+  # layer left in bf16 that the reference keeps in fp32 (norms), or a wrong cast, goes past it.
+  assert 0 < errors["encode"] < 0.03 and 0 < errors["decode"] < 0.12, errors
 
 
 def test_rejects_sides_not_multiple_of_8(converted):
