@@ -32,7 +32,7 @@ from PIL import Image
 
 from genmask_jax.data import records
 from genmask_jax.data.features import FeatureMeta, FeatureWriter, StoreLayout
-from genmask_jax.vlm import encode, prompts, tiny_qwen
+from genmask_jax.vlm import encode, image_policy, prompts, tiny_qwen
 from launch import precompute_vlm
 
 IMAGE_SIZE = (480, 640)  # (height, width): COCO's most common size.
@@ -133,13 +133,16 @@ def device_name(device: str) -> str:
 def time_batch_size(model, processor, samples, batch_size: int, max_pixels: int, root: str):
   """Seconds to encode and store every sample at this batch size, after a warm-up batch."""
   hidden = model.config.text_config.hidden_size
-  meta = FeatureMeta("benchmark", prompts.prompt_template(), "bfloat16", hidden)
+  policy = image_policy.ImagePolicy(max_pixels=max_pixels).to_record()
+  meta = FeatureMeta(
+    "benchmark", prompts.prompt_template(), "bfloat16", hidden, image_policy=policy
+  )
 
   def run(out: str, count: int) -> float:
     writer = FeatureWriter(out, meta, StoreLayout(count, 1, count), 0)
     items = [samples[i] for i in range(count)]
     start = time.perf_counter()
-    precompute_vlm.precompute(model, processor, items, writer, batch_size, max_pixels=max_pixels)
+    precompute_vlm.precompute(model, processor, items, writer, batch_size)
     return time.perf_counter() - start
 
   run(os.path.join(root, f"warmup-{batch_size}"), batch_size)

@@ -97,6 +97,12 @@ class TrainCheckpoints:
     )
     return restored.state["params"]
 
+  def restore_config(self, step: int) -> dict | None:
+    """The config saved at `step` (config.to_dict()), or None if that checkpoint has none."""
+    if "config" not in self.manager.item_metadata(step):
+      return None
+    return self.manager.restore(step, args=ocp.args.Composite(config=ocp.args.JsonRestore())).config
+
   def wait(self) -> None:
     self.manager.wait_until_finished()
 

@@ -3,24 +3,25 @@
 Each process reads its share of a split (padded so that all run the same number of steps),
 the sharded model predicts mask logits for the global batch, and each process scores its own
 rows at the samples' original resolution; the sums are then gathered over processes, with
-padding never counted. Results per split: gIoU (= mIoU), cIoU (= oIoU), Prec@0.5..0.9.
+padding never counted. Results per split: gIoU (= mIoU), cIoU (= oIoU), Prec@0.5..0.9, and
+each sample's IoU (`{split}_per_sample.json`, in store order).
 """
 
 from __future__ import annotations
 
 import os
 import sys
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import jax
 import ml_collections
 import numpy as np
 from absl import logging
-from flax import linen as nn
+from jax.experimental import multihost_utils
 from tqdm import tqdm
 
-from genmask_jax import inference, metrics, sharding
+from genmask_jax import fileio, inference, metrics, run, sharding
 from genmask_jax.data import pipeline, records
 from genmask_jax.evaluation import reduce, report, resize
 from genmask_jax.genmask import Models
@@ -37,6 +38,23 @@ def _breakdown_labels(split: ml_collections.ConfigDict) -> dict:
   return BREAKDOWNS.get(field, {})
 
 
+def per_sample_ious(
+  reader: records.RecordReader, index: np.ndarray, i: np.ndarray, u: np.ndarray, valid: np.ndarray
+) -> list[dict]:
+  """Every sample's IoU, gathered from all processes, in store order."""
+  gathered = multihost_utils.process_allgather(
+    (np.asarray(index, np.int32), np.asarray(i, np.int32), np.asarray(u, np.int32), valid),
+    tiled=True,
+  )
+  index, i, u, valid = (np.asarray(a) for a in gathered)
+  iou = metrics.sample_iou(i, u)
+  return [
+    {"id": reader[int(index[k])]["id"], "iou": float(iou[k]), "intersection": int(i[k]),
+     "union": int(u[k])}
+    for k in sorted(np.flatnonzero(valid), key=lambda k: index[k])
+  ]  # fmt: skip
+
+
 def evaluate_split(
   split: ml_collections.ConfigDict,
   segment_fn,
@@ -44,8 +62,9 @@ def evaluate_split(
   vae_params: Any,
   config: ml_collections.ConfigDict,
   mesh,
-) -> tuple[dict[str, metrics.IoUSums], list]:
-  """Sums per (sub-)split and up to `config.eval.num_overlays` overlay samples (process 0)."""
+) -> tuple[dict[str, metrics.IoUSums], list, list[dict]]:
+  """Sums per (sub-)split, up to `config.eval.num_overlays` overlay samples (process 0) and
+  the per-sample IoUs."""
   template = prompt_template(reasoning=split.get("reasoning", False))
   dataset = pipeline.eval_dataset(
     config.data,
@@ -56,7 +75,7 @@ def evaluate_split(
   )
   reader = records.RecordReader(split.records)
   labels = _breakdown_labels(split)
-  stats, groups, overlays = [], [], []
+  stats, groups, overlays, indices = [], [], [], []
   show = jax.process_index() == 0 and sys.stdout.isatty()
   for batch in tqdm(dataset, desc=split.name, disable=not show, unit="batch"):
     inputs = sharding.global_batch({k: batch[k] for k in ("image", "text", "text_mask")}, mesh)
@@ -69,6 +88,7 @@ def evaluate_split(
     size, resized = np.asarray(batch["size"]), np.asarray(batch["resized_size"])
     i, u = reduce.stats_at_original(logits, masks, size, resized, valid, ids)
     stats.append((i, u, valid))
+    indices.append(np.asarray(batch["index"]))
     if labels:
       groups.append(np.array([bool(s["source"].get(split.breakdown)) for s in samples]))
     for k in np.flatnonzero(valid)[: config.eval.num_overlays - len(overlays)]:
@@ -81,7 +101,8 @@ def evaluate_split(
     for value, label in labels.items():
       in_group = valid & (group == value)
       sums[f"{split.name}/{label}"] = reduce.gather_sums(intersection, union, in_group)
-  return sums, overlays
+  per_sample = per_sample_ious(reader, np.concatenate(indices), intersection, union, valid)
+  return sums, overlays, per_sample
 
 
 def evaluate_params(
@@ -92,27 +113,41 @@ def evaluate_params(
   mesh,
   out_dir: str,
 ) -> dict[str, dict[str, float]]:
-  """Evaluates every split of `config.eval.splits`; writes results.json and overlay grids."""
+  """Evaluates every split of `config.eval.splits`; writes results.json, each split's
+  per-sample IoUs and overlay grids."""
   segment_fn = inference.segmenter(models, config)
-  per_split, overlays = {}, {}
+  per_split, overlays, per_sample = {}, {}, {}
   for split in map(ml_collections.ConfigDict, config.eval.splits):
-    sums, samples = evaluate_split(split, segment_fn, params, vae_params, config, mesh)
+    sums, samples, per_sample[split.name] = evaluate_split(
+      split, segment_fn, params, vae_params, config, mesh
+    )
     per_split.update(sums)
     if samples:
       overlays[split.name] = samples
   results = metrics.results_by_split(per_split)
   if jax.process_index() == 0:
     report.write_results(results, os.path.join(out_dir, "results.json"))
+    for name, rows in per_sample.items():
+      fileio.write_json(os.path.join(out_dir, f"{name}_per_sample.json"), rows, indent=1)
     report.write_overlay_grids(overlays, out_dir, tile=config.eval.overlay_tile)
     logging.info("wrote %s", out_dir)
   return results
 
 
-def evaluate(config: ml_collections.ConfigDict, workdir: str) -> Mapping[str, Mapping[str, float]]:
-  """`--mode=eval`: the latest checkpoint under `workdir` (or `config.init.weights`)."""
-  mesh = sharding.make_mesh(config.mesh)
-  rules = sharding.rules(config.get("sharding"))
-  models = Models.from_config(config)
-  with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
-    params, vae_params = inference.restore_params(config, workdir, models, mesh, rules)
-    return evaluate_params(models, params, vae_params, config, mesh, os.path.join(workdir, "eval"))
+def evaluate_run(trained: run.Run, out_dir: str) -> Mapping[str, Mapping[str, float]]:
+  """Evaluates an opened run (genmask_jax/run.py) on its config's splits."""
+  with trained.activate():
+    return evaluate_params(
+      trained.models, trained.params, trained.vae_params, trained.config, trained.mesh, out_dir
+    )
+
+
+def evaluate(
+  config: ml_collections.ConfigDict | None,
+  workdir: str,
+  overrides: Sequence[str] = (),
+) -> Mapping[str, Mapping[str, float]]:
+  """`--mode=eval`: the latest checkpoint under `workdir` (or `config.init.weights`), with the
+  run's config unless `config` is given, `overrides` on top (checked against the run)."""
+  trained = run.open_run(workdir, overrides, config)
+  return evaluate_run(trained, os.path.join(workdir, "eval"))

@@ -71,9 +71,14 @@ class Models:
     return self.vae.init(rng, jnp.zeros((1, 8, 8, 3)))["params"]
 
 
+def vae_init_seed(config: ml_collections.ConfigDict) -> int | None:
+  """The seed of the frozen VAE's random initialization; None when it has converted weights."""
+  return None if config.init.vae_weights else config.seed + 1
+
+
 def frozen_vae_params(models: Models, config: ml_collections.ConfigDict, mesh, rules) -> Any:
   """The VAE's parameters in their shardings: converted weights (`config.init.vae_weights`)
-  or, when empty, a seeded random initialization."""
+  or, when empty, a seeded random initialization (`vae_init_seed`)."""
   boxed = jax.eval_shape(models.init_vae_params, jax.random.key(0))
   abstract, shardings = sharding.abstract_with_shardings(boxed, mesh, rules)
   if config.init.vae_weights:
@@ -81,4 +86,4 @@ def frozen_vae_params(models: Models, config: ml_collections.ConfigDict, mesh, r
   init = jax.jit(
     lambda rng: sharding.strip_axis_names(models.init_vae_params(rng)), out_shardings=shardings
   )
-  return init(jax.random.key(config.seed + 1))
+  return init(jax.random.key(vae_init_seed(config)))

@@ -2,6 +2,11 @@ r"""Entry point: training and evaluation.
 
   python -m genmask_jax.main --config=configs/genmask.py --workdir=runs/genmask \
       [--config.optimizer.lr=3e-5 ...] [--mode=train|eval]
+  python -m genmask_jax.main --mode=eval --workdir=runs/genmask [--config.eval.splits=...]
+
+Evaluation takes the run's own config by default (genmask_jax/run.py): --workdir is enough;
+--config and --config.x=y overrides apply on top, and a change to a field that shapes the
+model is refused.
 
 On a TPU pod or a SLURM allocation start the same command on every host; `jax.distributed`
 is set up from the environment (or from --coordinator_address/--num_processes/--process_id).
@@ -12,7 +17,7 @@ from __future__ import annotations
 from absl import app, flags
 from ml_collections import config_flags
 
-from genmask_jax import distributed, log_filter, preemption
+from genmask_jax import distributed, log_filter, preemption, run
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Config file.", lock_config=True)
 _WORKDIR = flags.DEFINE_string("workdir", None, "Checkpoints, logs and results.", required=True)
@@ -23,7 +28,9 @@ _PROCESS_ID = flags.DEFINE_integer("process_id", None, "This process's index.")
 
 
 def main(argv: list[str]) -> None:
-  del argv
+  overrides = run.overrides_of(argv)
+  if _MODE.value == "train" and _CONFIG.value is None:
+    raise app.UsageError("--mode=train needs --config")
   log_filter.quiet_library_logs()
   distributed.initialize(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value)
   if _MODE.value == "train":
@@ -34,9 +41,8 @@ def main(argv: list[str]) -> None:
   else:
     from genmask_jax import evaluate
 
-    evaluate.evaluate(_CONFIG.value, _WORKDIR.value)
+    evaluate.evaluate(_CONFIG.value, _WORKDIR.value, overrides)
 
 
 if __name__ == "__main__":
-  flags.mark_flag_as_required("config")
-  app.run(main)
+  app.run(main, flags_parser=run.parse_flags)

@@ -22,7 +22,7 @@ import optax
 from absl import logging
 from flax import struct
 
-from genmask_jax import checkpointing, distributed, evaluate, preemption, sharding, weights
+from genmask_jax import checkpointing, distributed, evaluate, preemption, run, sharding, weights
 from genmask_jax.data import latents
 from genmask_jax.data.records import TASKS
 from genmask_jax.diffusion import losses, tasks
@@ -181,13 +181,10 @@ def device_batch(host_batch: dict[str, dict[str, np.ndarray]], mesh) -> dict:
   return batch
 
 
-def check_latent_stores(config: ml_collections.ConfigDict, models: Models, vae_params) -> None:
+def check_latent_stores(config: ml_collections.ConfigDict, vae_fingerprint: str) -> None:
   """Refuses latent stores that another VAE (or VAE config) than this run's encoded."""
-  stores = [s["latents"] for t in TASKS for s in config.data[t].sources if s.get("latents")]
-  if stores:
-    fingerprint = latents.vae_fingerprint(models.vae, vae_params)
-    for path in stores:
-      latents.check_vae(path, fingerprint)
+  for path in [s["latents"] for t in TASKS for s in config.data[t].sources if s.get("latents")]:
+    latents.check_vae(path, vae_fingerprint)
 
 
 def check_finite(step: int, metrics: dict[str, float]) -> None:
@@ -236,6 +233,11 @@ def train(
       async_save=config.checkpoint.async_save,
     )
     latest = ckpt.latest_step()
+    # A resume trains the model the run holds: other model fields are refused by name here,
+    # before Orbax fails on the parameters' layout (or, for the VAE, silently does not).
+    recorded = run.read_record(workdir) if latest is not None else None
+    if recorded is not None:
+      run.check_config(recorded, config, workdir)
     if latest is None:
       source = config.init.weights or f"a random initialization (seed {config.seed})"
       logging.info("starting at step 0; DiT weights from %s", source)
@@ -244,7 +246,12 @@ def train(
       logging.info("resuming from step %d", latest)
       state = ckpt.restore(latest, abstract, batches)
     frozen_vae = frozen_vae_params(models, config, mesh, rules)
-    check_latent_stores(config, models, frozen_vae)
+    fingerprint = latents.vae_fingerprint(models.vae, frozen_vae)
+    if recorded is not None:
+      run.check_vae(recorded, config, fingerprint, workdir)
+    check_latent_stores(config, fingerprint)
+    if jax.process_index() == 0:  # What inference needs to rebuild this model (genmask_jax/run.py).
+      run.write_record(workdir, run.training_record(config, fingerprint))
     step_fn = compile_train_step(models, config, optimizer, shardings, mesh)
     rng = jax.random.key(config.seed + 2)
     tasks = 1 + bool(config.data.generation.sources)

@@ -27,7 +27,6 @@ import cv2
 import jax
 import numpy as np
 from absl import app, flags, logging
-from flax import linen as nn
 from ml_collections import config_flags
 from PIL import Image
 
@@ -37,6 +36,7 @@ from genmask_jax import (
   inference,
   log_filter,
   metrics,
+  run,
   sharding,
   train,
   vae_training,
@@ -80,7 +80,7 @@ def make_data(demo, data_dir: str) -> None:
           writer.write(sample)
 
 
-def make_features(vlm_dir: str, data_dir: str, features_dir: str, splits) -> None:
+def make_features(vlm_dir: str, data_dir: str, features_dir: str, splits, image_size: int) -> None:
   if not os.path.exists(os.path.join(vlm_dir, "config.json")):
     save_tiny_qwen(vlm_dir, seed=0)
   todo = [s for s in splits if not os.path.exists(os.path.join(features_dir, s, "manifest.json"))]
@@ -89,6 +89,9 @@ def make_features(vlm_dir: str, data_dir: str, features_dir: str, splits) -> Non
         "launch.precompute_vlm", f"--samples={','.join(os.path.join(data_dir, s) for s in todo)}",
         f"--checkpoint={vlm_dir}", f"--out={','.join(os.path.join(features_dir, s) for s in todo)}",
         "--batch_size=64", "--store_dtype=float16",
+        # Every image the VLM sees has the scenes' size, so a user's image of any size gives
+        # the token layout the DiT trained on (the run records this policy).
+        f"--image_resize={image_size}",
     )  # fmt: skip
 
 
@@ -183,7 +186,8 @@ def prepare(config, workdir: str) -> dict[str, dict[str, str]]:
   data_dir, features_dir = os.path.join(workdir, "data"), os.path.join(workdir, "features")
   make_data(config.demo, data_dir)
   splits = ("train", "heldout", "gen", "gen_heldout", "train_eval")
-  make_features(os.path.join(workdir, "tiny_qwen"), data_dir, features_dir, splits)
+  vlm_dir = os.path.join(workdir, "tiny_qwen")
+  make_features(vlm_dir, data_dir, features_dir, splits, config.demo.image_size)
   store = {
     s: {"records": os.path.join(data_dir, s), "features": os.path.join(features_dir, s)}
     for s in splits
@@ -218,20 +222,18 @@ def main(argv: list[str]) -> None:
   run_dir = os.path.join(workdir, "genmask")
   train.train(config, run_dir)
 
-  mesh, rules = sharding.make_mesh(config.mesh), sharding.rules()
-  models = Models.from_config(config)
-  with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
-    params, vae_params = inference.restore_params(config, run_dir, models, mesh, rules)
+  # The run as predict, generate and --mode=eval open it: its own record, nothing from here.
+  opened = run.open_run(run_dir)
+  models, vae_params = opened.models, opened.vae_params
+  with opened.activate():
     untrained = sharding.strip_axis_names(jax.jit(models.init_params)(jax.random.key(config.seed)))
     at_init = evaluate.evaluate_params(
-      models, untrained, vae_params, config, mesh, os.path.join(workdir, "eval_init")
+      models, untrained, vae_params, config, opened.mesh, os.path.join(workdir, "eval_init")
     )
-    trained = evaluate.evaluate_params(
-      models, params, vae_params, config, mesh, os.path.join(workdir, "eval")
-    )
+    trained = evaluate.evaluate_run(opened, os.path.join(workdir, "eval"))
     grid_path = os.path.join(workdir, "generated.png")
     captions = generate_images(
-        config, models, params, vae_params, store["gen_heldout"]["records"],
+        config, models, opened.params, vae_params, store["gen_heldout"]["records"],
         store["gen_heldout"]["features"], grid_path,
     )  # fmt: skip
 

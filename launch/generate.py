@@ -1,14 +1,16 @@
 r"""Generates images from captions with a trained GenMask model; writes them as one grid PNG.
 
-  python -m launch.generate --config=configs/genmask.py --workdir=runs/genmask \
+  python -m launch.generate --workdir=runs/genmask \
       --vlm=Qwen2.5-VL-7B-Instruct --prompt="a red bus on a bridge" --prompt="two cats" \
       --steps=50 --shift=5 --guidance=5 --seed=0 --resolution=512 --out=generated.png
 
 Captions come from --prompt and from the generation samples --sample_id of --records; they are
 encoded by the VLM in-process (--vlm, the caption alone as in launch/precompute_vlm.py) or read
 from the store's feature store (--features). Euler sampling with classifier-free guidance;
---steps, --shift and --guidance default to config.generate. The grid holds the images in
-order, --columns per row. The same queries, seed and batch size give the same images.
+--steps, --shift and --guidance default to config.generate. The grid holds the images in order,
+--columns per row. The same queries, seed and batch size give the same images. The model is the
+latest checkpoint under --workdir with the run's own config (genmask_jax/run.py); --config and
+--config.x=y apply on top.
 """
 
 from __future__ import annotations
@@ -16,13 +18,12 @@ from __future__ import annotations
 import math
 import os
 
-import jax
 import numpy as np
 from absl import app, flags
 from PIL import Image
 
-from genmask_jax import fileio, inference
-from launch import queries
+from genmask_jax import fileio, log_filter, queries, run
+from launch import queries as query_flags
 
 _PROMPT = flags.DEFINE_multi_string("prompt", [], "A caption; repeatable.")
 _STEPS = flags.DEFINE_integer("steps", None, "Euler steps; default config.generate.num_steps.")
@@ -50,8 +51,9 @@ def grid(images: np.ndarray, columns: int) -> np.ndarray:
 
 
 def main(argv: list[str]) -> None:
-  del argv
-  config = queries.CONFIG.value
+  log_filter.quiet_library_logs()
+  spec = query_flags.run_config(argv)
+  config = spec.config
   resolution = _RESOLUTION.value or config.data.generation.resolution
   if resolution % 16:
     raise app.UsageError(f"--resolution {resolution} is not a multiple of 16 (VAE x DiT patch)")
@@ -64,24 +66,11 @@ def main(argv: list[str]) -> None:
   guidance = config.generate.guidance_scale if _GUIDANCE.value is None else _GUIDANCE.value
 
   samples = [queries.generation_record(i, p) for i, p in enumerate(_PROMPT.value)]
-  samples += queries.store_records("generation")
-  hidden = queries.text_features(samples, config)
-  examples = queries.examples(samples, hidden, resolution, config.data)
-  images = []
-  with queries.trained_model(config) as model:
-    generate = inference.generator(model.models, config, resolution)
-    rng = jax.random.key(_SEED.value)
-    for i, (batch, real) in enumerate(queries.batches(examples, ("text", "text_mask"), model.mesh)):
-      generated = generate(
-        model.params,
-        model.vae_params,
-        jax.random.fold_in(rng, i),
-        batch["text"],
-        batch["text_mask"],
-        guidance,
-      )
-      images.extend(np.asarray(generated)[:real])
-  pixels = ((np.stack(images) + 1) * 127.5).clip(0, 255).round().astype(np.uint8)
+  samples += query_flags.store_records("generation")
+  hidden = query_flags.text_features(spec, samples)
+  examples = queries.examples(spec, samples, hidden, resolution)
+  batch_size = query_flags.BATCH_SIZE.value
+  pixels = queries.generate(run.load(spec), examples, resolution, _SEED.value, guidance, batch_size)
   fileio.makedirs(os.path.dirname(_OUT.value) or ".")
   fileio.save_image(_OUT.value, Image.fromarray(grid(pixels, _COLUMNS.value)))
   for sample in samples:
@@ -90,4 +79,4 @@ def main(argv: list[str]) -> None:
 
 
 if __name__ == "__main__":
-  app.run(main)
+  app.run(main, flags_parser=run.parse_flags)

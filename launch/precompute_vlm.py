@@ -10,7 +10,9 @@ tokens (genmask_jax/vlm/prompts.py) are stored as bf16/fp16 under the sample id.
 (--samples=a,b --out=fa,fb, in pairs) share one loaded model. Worker i of n encodes the i-th
 contiguous slice of each sample store in shards of --shard_size samples; re-running the same
 command skips finished shards, and whichever worker finishes a store last writes the manifest
-that makes it readable. --reasoning first asks the VLM to rewrite each segmentation query into an
+that makes it readable. The image policy (--image_resize, --max_pixels;
+genmask_jax/vlm/image_policy.py) is recorded in the store, and inference gives the VLM user
+images the same way. --reasoning first asks the VLM to rewrite each segmentation query into an
 explicit target description and encodes that.
 
 One command for a whole node (launch/fanout.py): --gpus=all (or --gpus=0,1, or --gpus=cpu:2 for
@@ -27,20 +29,18 @@ import sys
 from collections.abc import Sequence
 
 from absl import app, flags, logging
-from PIL import Image
 
 from genmask_jax import fileio, log_filter
 from genmask_jax.data.features import (
   MANIFEST_FILE,
   FeatureError,
-  FeatureItem,
   FeatureMeta,
   FeatureReader,
   FeatureWriter,
   StoreLayout,
 )
-from genmask_jax.data.records import TASKS, RecordReader, decode_image
-from genmask_jax.vlm import encode, prompts
+from genmask_jax.data.records import RecordReader
+from genmask_jax.vlm import encode, image_policy, prompts
 from launch import fanout
 
 _SAMPLES = flags.DEFINE_list("samples", None, "Sample store directories.", required=True)
@@ -56,55 +56,18 @@ _WORKER_INDEX = flags.DEFINE_integer("worker_index", 0, "This worker, in [0, num
 _DEVICE = flags.DEFINE_string("device", "cpu", "torch device: cpu, cuda, cuda:1, ...")
 _DTYPE = flags.DEFINE_enum("dtype", "float32", sorted(encode.TORCH_DTYPES), "VLM compute dtype.")
 _STORE_DTYPE = flags.DEFINE_enum("store_dtype", "bfloat16", ["bfloat16", "float16"], "Stored.")
-_MAX_PIXELS = flags.DEFINE_integer("max_pixels", 512 * 512, "Image area cap for the VLM.")
+_MAX_PIXELS = flags.DEFINE_integer(
+  "max_pixels", image_policy.DEFAULT_MAX_PIXELS, "Image area cap for the VLM."
+)
+_IMAGE_RESIZE = flags.DEFINE_integer(
+  "image_resize", 0, "Resize every image to this square side first (0: keep its size)."
+)
 _REASONING = flags.DEFINE_bool("reasoning", False, "Rewrite segmentation queries first.")
 _MAX_NEW_TOKENS = flags.DEFINE_integer("max_new_tokens", 32, "Rewrite length cap.")
 _FANOUT = fanout.define_flags()
 
 
-def _image(sample: dict) -> Image.Image:
-  return Image.fromarray(decode_image(sample))
-
-
-def _rewrite_targets(model, processor, samples, max_new_tokens, max_pixels) -> list[str]:
-  batch = [encode.Prompt(prompts.rewrite_messages(s["text"]), _image(s)) for s in samples]
-  rewrites = encode.generate_text(model, processor, batch, max_new_tokens, max_pixels)
-  targets = []
-  for sample, rewrite in zip(samples, rewrites, strict=True):
-    if not rewrite:  # An empty answer would encode no target at all: keep the query.
-      logging.warning("sample %r: empty rewrite, encoding the query itself", sample["id"])
-    targets.append(rewrite or sample["text"])
-  return targets
-
-
-def encode_samples(
-  model,
-  processor,
-  samples: Sequence[dict],
-  reasoning: bool = False,
-  max_new_tokens: int = 32,
-  max_pixels: int | None = None,
-) -> list[FeatureItem]:
-  """Feature items of sample-store records (genmask_jax/data/records.py), in order."""
-  for s in samples:
-    if s["task"] not in TASKS:
-      raise ValueError(f"sample {s['id']!r}: task {s['task']!r} is not one of {TASKS}")
-  texts = [s["text"] for s in samples]
-  seg = [i for i, s in enumerate(samples) if s["task"] == "segmentation"]
-  if reasoning and seg:
-    rewrites = _rewrite_targets(
-      model, processor, [samples[i] for i in seg], max_new_tokens, max_pixels
-    )
-    for i, rewrite in zip(seg, rewrites, strict=True):
-      texts[i] = rewrite
-  batch = [
-    encode.Prompt(prompts.segmentation_messages(text), _image(s))
-    if s["task"] == "segmentation"
-    else encode.Prompt(prompts.generation_messages(text), None)
-    for s, text in zip(samples, texts, strict=True)
-  ]
-  hidden = encode.encode_prompts(model, processor, batch, max_pixels)
-  return [FeatureItem(s["id"], t, h) for s, t, h in zip(samples, texts, hidden, strict=True)]
+_image = encode.sample_image  # A record's image as the VLM sees it (tests, benchmarks).
 
 
 def precompute(
@@ -117,14 +80,15 @@ def precompute(
 ) -> bool:
   """Writes this worker's pending shards; returns whether the whole store is now complete.
 
-  Batches never cross shard boundaries, so a resumed run computes exactly what an
-  uninterrupted one would have.
+  Images go through the image policy the store's metadata records. Batches never cross shard
+  boundaries, so a resumed run computes exactly what an uninterrupted one would have.
   """
+  policy = image_policy.from_record(writer.meta.image_policy)
   for shard, start, stop in writer.pending_shards():
     items = []
     for b in range(start, stop, batch_size):
       batch = [samples[i] for i in range(b, min(b + batch_size, stop))]
-      items += encode_samples(model, processor, batch, **encode_kwargs)
+      items += encode.encode_samples(model, processor, batch, policy=policy, **encode_kwargs)
     writer.write_shard(shard, items)
     logging.info("%s: wrote shard %d (samples %d..%d)", writer.path, shard, start, stop - 1)
   return writer.finalize()
@@ -138,6 +102,7 @@ def precompute_store(model, processor, samples_dir: str, out_dir: str) -> None:
     prompt_template=prompts.prompt_template(_REASONING.value),
     dtype=_STORE_DTYPE.value,
     hidden_size=model.config.text_config.hidden_size,
+    image_policy=image_policy.ImagePolicy(_IMAGE_RESIZE.value, _MAX_PIXELS.value).to_record(),
   )
   layout = StoreLayout(len(samples), _NUM_WORKERS.value, _SHARD_SIZE.value)
   writer = FeatureWriter(out_dir, meta, layout, _WORKER_INDEX.value)
@@ -149,7 +114,6 @@ def precompute_store(model, processor, samples_dir: str, out_dir: str) -> None:
     _BATCH_SIZE.value,
     reasoning=_REASONING.value,
     max_new_tokens=_MAX_NEW_TOKENS.value,
-    max_pixels=_MAX_PIXELS.value,
   )
   if not done:
     logging.info(

@@ -70,3 +70,40 @@ def bucket(gcs, request):
   """A new bucket for one test: gs://NAME."""
   name = "t-" + "".join(c if c.isalnum() else "-" for c in request.node.name.lower())[:50]
   return gcs.create_bucket(name.strip("-") + f"-{os.getpid()}")
+
+
+# The demo, shortened: 64 training scenes, each seen ~50 times: long enough to fit them, far too
+# short to generalize (the full demo shows that).
+SHORT_DEMO = [
+  "--config.demo.num_train=64",
+  "--config.demo.num_eval_train=64",
+  "--config.demo.num_gen=200",
+  "--config.demo.num_heldout=32",
+  "--config.demo.num_generate=4",
+  "--config.demo.vae_steps=600",
+  "--config.total_steps=400",
+  "--config.checkpoint.every=200",
+  "--config.log_every=50",
+  "--config.generate.num_steps=4",
+]
+DEMO_ENV = dict(os.environ, XLA_FLAGS="")  # One CPU device, as a user runs it.
+
+
+def short_demo_command(workdir: str) -> list[str]:
+  import sys
+
+  return [sys.executable, "-m", "launch.demo", f"--workdir={workdir}", *SHORT_DEMO]
+
+
+@pytest.fixture(scope="session")
+def short_demo(tmp_path_factory):
+  """The shortened demo, run once per test process (its tests share the "heavy" xdist group):
+  (work directory, the completed run)."""
+  import subprocess
+
+  workdir = str(tmp_path_factory.mktemp("short_demo") / "demo")
+  result = subprocess.run(
+    short_demo_command(workdir), env=DEMO_ENV, capture_output=True, text=True, timeout=1500
+  )
+  assert result.returncode == 0, result.stderr[-3000:]
+  return workdir, result

@@ -3,26 +3,12 @@
 import json
 import os
 import subprocess
-import sys
 
 import numpy as np
 import pytest
+from conftest import DEMO_ENV, short_demo_command
 from PIL import Image
 
-# 64 training scenes, each seen ~50 times: long enough to fit them, far too short to generalize
-# (the full demo shows that); the check is that training turns pure noise into the right masks.
-SHORT = [
-  "--config.demo.num_train=64",
-  "--config.demo.num_eval_train=64",
-  "--config.demo.num_gen=200",
-  "--config.demo.num_heldout=32",
-  "--config.demo.num_generate=4",
-  "--config.demo.vae_steps=600",
-  "--config.total_steps=400",
-  "--config.checkpoint.every=200",
-  "--config.log_every=50",
-  "--config.generate.num_steps=4",
-]
 STEPS = 400
 # mIoU on the training scenes: measured 0.779 after training, 0.000 at initialization, and 0.389
 # / 0.438 for the every-shape / largest-shape baselines (2-core CPU).
@@ -37,14 +23,10 @@ def losses(workdir: str, key: str) -> np.ndarray:
 
 @pytest.mark.slow
 @pytest.mark.xdist_group("heavy")
-def test_short_demo_runs_learns_and_resumes(tmp_path):
+def test_short_demo_runs_learns_and_resumes(short_demo):
   """The demo, shortened: every stage runs, the DiT learns to segment its training scenes (mIoU
   over initialization and over both baselines, margins above), and a re-run redoes nothing."""
-  workdir = str(tmp_path / "demo")
-  command = [sys.executable, "-m", "launch.demo", f"--workdir={workdir}", *SHORT]
-  env = dict(os.environ, XLA_FLAGS="")  # One CPU device, as a user runs it.
-  result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=1500)
-  assert result.returncode == 0, result.stderr[-3000:]
+  workdir, result = short_demo
 
   with open(os.path.join(workdir, "summary.json")) as f:
     summary = json.load(f)
@@ -68,7 +50,9 @@ def test_short_demo_runs_learns_and_resumes(tmp_path):
   assert os.listdir(os.path.join(workdir, "genmask", "tensorboard"))
 
   # Re-running continues from what exists: no data, features, VAE or DiT steps are redone.
-  again = subprocess.run(command, env=env, capture_output=True, text=True, timeout=1500)
+  again = subprocess.run(
+    short_demo_command(workdir), env=DEMO_ENV, capture_output=True, text=True, timeout=1500
+  )
   assert again.returncode == 0, again.stderr[-3000:]
   assert "VAE step" not in again.stderr and "precompute" not in again.stderr
   assert len(losses(workdir, "loss/segmentation")) == STEPS

@@ -13,7 +13,7 @@ import pytest
 
 from genmask_jax.data import features as F
 from genmask_jax.data import records
-from genmask_jax.vlm import prompts, tiny_qwen
+from genmask_jax.vlm import image_policy, prompts, tiny_qwen
 from launch import fanout
 
 # 8 samples, shards of 2, batches of 2: the two workers' slices [0, 4) and [4, 8) start on shard
@@ -111,7 +111,11 @@ def test_two_workers_write_what_one_worker_writes(one_worker, two_workers):
   ]
   a, b = F.FeatureReader(str(one_worker)), F.FeatureReader(str(two))
   assert a.ids() == b.ids() == [f"s{i}" for i in range(NUM_SAMPLES)]  # The manifest's order.
-  assert a.meta == b.meta == F.FeatureMeta("tiny-qwen", prompts.prompt_template(), "bfloat16", 64)
+  policy = image_policy.DEFAULT.to_record()
+  expected = F.FeatureMeta(
+    "tiny-qwen", prompts.prompt_template(), "bfloat16", 64, image_policy=policy
+  )
+  assert a.meta == b.meta == expected
   # Only the layout differs: it records the worker count, which names the shard files.
   assert (a.layout.num_workers, b.layout.num_workers) == (1, 2)
   for sample_id in a.ids():

@@ -6,10 +6,11 @@ import sys
 
 import numpy as np
 import pytest
+import torch
 
 from genmask_jax.data import features as F
 from genmask_jax.data import records
-from genmask_jax.vlm import encode, prompts, tiny_qwen
+from genmask_jax.vlm import encode, image_policy, prompts, tiny_qwen
 from launch import precompute_vlm
 
 TASKS = ["segmentation", "generation", "segmentation", "segmentation", "generation", "segmentation"]
@@ -42,13 +43,58 @@ def sample_store(tmp_path_factory):
 def run(vlm, samples_path, out, num_workers=1, worker_index=0, reasoning=False) -> bool:
   _, model, processor = vlm
   samples = records.RecordReader(samples_path)
-  meta = F.FeatureMeta(MODEL_ID, prompts.prompt_template(reasoning), "bfloat16", 64)
+  meta = F.FeatureMeta(
+    MODEL_ID,
+    prompts.prompt_template(reasoning),
+    "bfloat16",
+    64,
+    image_policy=image_policy.DEFAULT.to_record(),
+  )  # As the command line.
   writer = F.FeatureWriter(
     str(out), meta, F.StoreLayout(len(samples), num_workers, 2), worker_index
   )
   return precompute_vlm.precompute(
     model, processor, samples, writer, batch_size=2, reasoning=reasoning, max_new_tokens=6
   )
+
+
+def direct_hidden(vlm, image, instruction: str, kept: int) -> np.ndarray:
+  """The last `kept` final-layer hidden states of one prompt, run through transformers alone
+  (no batching, padding or prefix search of the code under test)."""
+  _, model, processor = vlm
+  content = [{"type": "text", "text": instruction}]
+  if image is not None:
+    content.insert(0, {"type": "image"})
+  text = processor.tokenizer.apply_chat_template(
+    [{"role": "user", "content": content}], tokenize=False, add_generation_prompt=True
+  )
+  inputs = processor(text=[text], images=None if image is None else [image], return_tensors="pt")
+  with torch.no_grad():
+    hidden = model(**inputs, output_hidden_states=True).hidden_states[-1][0]
+  return hidden[-kept:].float().numpy()
+
+
+def direct_rewrite(vlm, image, query: str) -> str:
+  """The VLM's greedy answer to the rewrite prompt, through transformers' generate alone."""
+  _, model, processor = vlm
+  instruction = prompts.REWRITE_INSTRUCTION.format(query=query)
+  content = [{"type": "image"}, {"type": "text", "text": instruction}]
+  text = processor.tokenizer.apply_chat_template(
+    [{"role": "user", "content": content}], tokenize=False, add_generation_prompt=True
+  )
+  inputs = processor(text=[text], images=[image], return_tensors="pt")
+  with torch.no_grad():
+    out = model.generate(**inputs, max_new_tokens=6, do_sample=False)
+  new = out[0, inputs["input_ids"].shape[1] :]
+  return processor.tokenizer.decode(new, skip_special_tokens=True).strip()
+
+
+def assert_bf16_close(stored: np.ndarray, expected: np.ndarray) -> None:
+  """Stored bf16 features against fp32 ones: bf16 keeps 8 significant bits (relative rounding
+  up to 2^-9). Measured: at most 7.8e-3 absolute on values up to 3.5 (0.22%), i.e. rounding
+  alone; batching with padding adds ~1e-6. A wrong token, prompt or model is off by O(1)."""
+  assert stored.shape == expected.shape
+  np.testing.assert_allclose(stored, expected, rtol=2**-8, atol=1e-3)
 
 
 def store_files(path) -> dict[str, bytes]:
@@ -63,12 +109,16 @@ def full_store(vlm, sample_store, tmp_path_factory):
   return out
 
 
-def test_features_have_ids_shapes_and_texts(vlm, full_store):
+def test_features_have_ids_shapes_texts_and_values(vlm, sample_store, full_store):
   tokenizer = vlm[2].tokenizer
+  samples = records.RecordReader(sample_store)
   n_tokens = lambda text: len(tokenizer(text, add_special_tokens=False)["input_ids"])
   reader = F.FeatureReader(str(full_store))
   assert reader.ids() == [f"s{i}" for i in range(6)]
-  assert reader.meta == F.FeatureMeta(MODEL_ID, prompts.prompt_template(), "bfloat16", 64)
+  policy = image_policy.DEFAULT.to_record()
+  assert reader.meta == F.FeatureMeta(
+    MODEL_ID, prompts.prompt_template(), "bfloat16", 64, image_policy=policy
+  )
   for i, sample_id in enumerate(reader.ids()):
     # The user content and the assistant header: for segmentation the vision markers, 4 image
     # tokens (56x56) and the instruction; for generation the caption.
@@ -80,6 +130,13 @@ def test_features_have_ids_shapes_and_texts(vlm, full_store):
     hidden = reader.get(sample_id)
     assert hidden.shape == (kept, 64) and np.all(np.isfinite(hidden))
     assert reader.text(sample_id) == TEXTS[i]
+    if TASKS[i] == "segmentation":
+      image = precompute_vlm._image(samples[i])
+      instruction = prompts.SEGMENT_INSTRUCTION.format(target=TEXTS[i])
+      expected = direct_hidden(vlm, image, instruction, kept)
+    else:
+      expected = direct_hidden(vlm, None, TEXTS[i], kept)
+    assert_bf16_close(hidden, expected)
   with pytest.raises(F.FeatureError, match="'s6'"):
     reader.get("s6")
 
@@ -136,27 +193,32 @@ def test_store_from_another_encoder_or_template_fails_check_meta(full_store):
     F.check_meta(meta, MODEL_ID, prompts.prompt_template(reasoning=True))
 
 
-def test_reasoning_mode_encodes_and_stores_the_rewrite(vlm, sample_store, tmp_path):
-  _, model, processor = vlm
+def test_reasoning_mode_encodes_and_stores_the_rewrite(vlm, sample_store, full_store, tmp_path):
+  tokenizer = vlm[2].tokenizer
+  n_tokens = lambda text: len(tokenizer(text, add_special_tokens=False)["input_ids"])
+  closing = n_tokens("<|im_end|>\n<|im_start|>assistant\n")
   assert run(vlm, sample_store, tmp_path, reasoning=True)
-  reader = F.FeatureReader(str(tmp_path))
+  reader, plain = F.FeatureReader(str(tmp_path)), F.FeatureReader(str(full_store))
   F.check_meta(reader.meta, MODEL_ID, prompts.prompt_template(reasoning=True))
   samples = records.RecordReader(sample_store)
   for i, sample_id in enumerate(reader.ids()):
     sample = samples[i]
     if sample["task"] == "generation":
       assert reader.text(sample_id) == sample["text"]
+      np.testing.assert_array_equal(reader.get(sample_id), plain.get(sample_id))
       continue
     image = precompute_vlm._image(sample)
-    prompt = encode.Prompt(prompts.rewrite_messages(sample["text"]), image)
-    [rewrite] = encode.generate_text(model, processor, [prompt], max_new_tokens=6)
-    assert reader.text(sample_id) == (rewrite or sample["text"])
-    [alone] = encode.encode_prompts(
-      model,
-      processor,
-      [encode.Prompt(prompts.segmentation_messages(reader.text(sample_id)), image)],
-    )
-    assert reader.get(sample_id).shape == alone.shape
+    # The tiny random VLM answers every rewrite prompt with non-empty text (measured: 'Yma..zrple'
+    # or 'Yma..zQ'), so the rewrite is what gets stored, never the query kept as a fallback.
+    rewrite = direct_rewrite(vlm, image, sample["text"])
+    assert rewrite and rewrite != sample["text"]
+    assert reader.text(sample_id) == rewrite
+    kept = 6 + n_tokens(prompts.SEGMENT_INSTRUCTION.format(target=rewrite)) + closing
+    expected = direct_hidden(vlm, image, prompts.SEGMENT_INSTRUCTION.format(target=rewrite), kept)
+    assert_bf16_close(reader.get(sample_id), expected)
+    # ... and it is the rewrite that was encoded, not the query.
+    got, query = reader.get(sample_id), plain.get(sample_id)
+    assert got.shape != query.shape or np.abs(got - query).max() > 0.1
 
 
 def test_command_line(vlm, sample_store, full_store, tmp_path):

@@ -44,6 +44,9 @@ class FeatureMeta:
   dtype: str
   hidden_size: int
   format_version: int = FORMAT_VERSION
+  # vlm/image_policy.ImagePolicy.to_record() of the images encoded; None in stores written
+  # before it was recorded (they used that module's defaults).
+  image_policy: dict | None = None
 
 
 @dataclasses.dataclass(frozen=True)

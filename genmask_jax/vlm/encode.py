@@ -2,6 +2,8 @@
 
 Loads any Qwen2.5-VL checkpoint directory without the hub, runs prompts in batches and returns
 per-prompt final-layer hidden states without padding or the chat prefix (see `prompts`).
+`encode_samples` turns sample records into features the one way both the offline stage
+(launch/precompute_vlm.py) and inference's in-process VLM use.
 """
 
 from __future__ import annotations
@@ -12,6 +14,7 @@ from typing import NamedTuple
 
 import numpy as np
 import torch
+from absl import logging
 from PIL import Image
 from transformers import (
   AutoImageProcessor,
@@ -20,7 +23,10 @@ from transformers import (
   Qwen2_5_VLProcessor,
 )
 
-from genmask_jax.vlm import prompts
+from genmask_jax.data.features import FeatureItem
+from genmask_jax.data.records import TASKS, decode_image
+from genmask_jax.vlm import image_policy, prompts
+from genmask_jax.vlm.image_policy import ImagePolicy
 
 TORCH_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -108,3 +114,52 @@ def generate_text(
   out = model.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=False)
   new_tokens = out[:, inputs["input_ids"].shape[1] :]
   return [t.strip() for t in processor.tokenizer.batch_decode(new_tokens, skip_special_tokens=True)]
+
+
+def sample_image(sample: dict, policy: ImagePolicy = image_policy.DEFAULT) -> Image.Image:
+  """A segmentation record's image as the VLM is given it."""
+  return policy.apply(decode_image(sample))
+
+
+def rewrite_targets(
+  model, processor, samples: Sequence[dict], max_new_tokens: int, policy: ImagePolicy
+) -> list[str]:
+  """Reasoning mode, first stage: the VLM's explicit target description of each query."""
+  batch = [Prompt(prompts.rewrite_messages(s["text"]), sample_image(s, policy)) for s in samples]
+  rewrites = generate_text(model, processor, batch, max_new_tokens, policy.max_pixels)
+  targets = []
+  for sample, rewrite in zip(samples, rewrites, strict=True):
+    if not rewrite:  # An empty answer would encode no target at all: keep the query.
+      logging.warning("sample %r: empty rewrite, encoding the query itself", sample["id"])
+    targets.append(rewrite or sample["text"])
+  return targets
+
+
+def encode_samples(
+  model,
+  processor,
+  samples: Sequence[dict],
+  reasoning: bool = False,
+  max_new_tokens: int = 32,
+  policy: ImagePolicy = image_policy.DEFAULT,
+) -> list[FeatureItem]:
+  """Feature items of sample-store records (genmask_jax/data/records.py), in order:
+  segmentation samples as their image (through `policy`) and instruction, the target first
+  rewritten by the VLM in reasoning mode; generation samples as the caption alone."""
+  for s in samples:
+    if s["task"] not in TASKS:
+      raise ValueError(f"sample {s['id']!r}: task {s['task']!r} is not one of {TASKS}")
+  texts = [s["text"] for s in samples]
+  seg = [i for i, s in enumerate(samples) if s["task"] == "segmentation"]
+  if reasoning and seg:
+    rewrites = rewrite_targets(model, processor, [samples[i] for i in seg], max_new_tokens, policy)
+    for i, rewrite in zip(seg, rewrites, strict=True):
+      texts[i] = rewrite
+  batch = [
+    Prompt(prompts.segmentation_messages(text), sample_image(s, policy))
+    if s["task"] == "segmentation"
+    else Prompt(prompts.generation_messages(text), None)
+    for s, text in zip(samples, texts, strict=True)
+  ]
+  hidden = encode_prompts(model, processor, batch, policy.max_pixels)
+  return [FeatureItem(s["id"], t, h) for s, t, h in zip(samples, texts, hidden, strict=True)]
