@@ -4,7 +4,6 @@ layer, every store kind, the writers, metrics and TensorBoard events."""
 import json
 import os
 import signal
-import socket
 import struct
 import subprocess
 import sys
@@ -14,6 +13,7 @@ import jax
 import numpy as np
 import pytest
 from conftest import fake_devices
+from processes import free_port
 from test_train import final_params
 from train_config import get_config
 from training_data import IMAGE_SIZE, make_stores
@@ -262,12 +262,6 @@ def pod_command(root: str, workdir: str, process_id: int, port: int, *flags: str
     f"--process_id={process_id}", "--config.mesh.data=2", "--config.mesh.fsdp=4",
     "--config.eval.every_steps=8", *flags,
   ]  # fmt: skip
-
-
-def free_port() -> int:
-  with socket.socket() as s:
-    s.bind(("127.0.0.1", 0))
-    return s.getsockname()[1]
 
 
 class Job:
