@@ -18,7 +18,9 @@ import jax
 from absl import app, flags, logging
 
 from configs.demo import get_config
-from genmask_jax import evaluate, log_filter, train
+from genmask_jax.evaluation import evaluate
+from genmask_jax.runtime import log_filter
+from genmask_jax.training import train
 from launch import demo
 
 _STEPS = flags.DEFINE_integer("steps", 0, "Training steps per variant (0: the demo's).")

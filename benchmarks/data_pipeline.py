@@ -6,7 +6,7 @@ Writes COCO-like sample stores (640x480 JPEGs of smooth noise with masks, and ca
 images for generation) and feature stores with Qwen2.5-VL-7B-sized hidden states (with
 --latents also latent stores, which replace image decoding), then times
 `pipeline.train_dataset` after a warm-up, once per worker count. --gcs also serves the same
-stores from a GCS API server on 127.0.0.1 (genmask_jax.gcs_emulator) and times local and gs://
+stores from a GCS API server on 127.0.0.1 (genmask_jax.runtime.gcs_emulator) and times local and gs://
 reading in alternating rounds: the ratio shows the cost of the object-store code path
 (requests, ranged reads), not a real bucket's latency.
 """
@@ -23,9 +23,9 @@ import grain
 import numpy as np
 from absl import flags
 
-from genmask_jax import fileio, gcs_emulator
 from genmask_jax.data import latents, pipeline, records
 from genmask_jax.data.features import FeatureItem, FeatureMeta, FeatureWriter, StoreLayout
+from genmask_jax.runtime import fileio, gcs_emulator
 from genmask_jax.vlm.prompts import prompt_template
 
 

@@ -20,10 +20,11 @@ from absl import app, flags
 from flax import linen as nn
 
 from configs.demo import get_config
-from genmask_jax import log_filter, sharding, train
 from genmask_jax.data import pipeline
-from genmask_jax.genmask import Models, frozen_vae_params
-from genmask_jax.optimizer import make_optimizer
+from genmask_jax.models.genmask import Models, frozen_vae_params
+from genmask_jax.runtime import log_filter, sharding
+from genmask_jax.training import train
+from genmask_jax.training.optimizer import make_optimizer
 from launch import demo
 
 _ROUNDS = flags.DEFINE_integer("rounds", 12, "Timed rounds per variant (after one warm-up).")

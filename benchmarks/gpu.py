@@ -9,8 +9,8 @@ Both sides get random weights of the same architecture and the same work, on the
   (frozen, no gradient), DiT forward and backward on the segmentation sub-batch (N noisy + N
   condition tokens, per-token timesteps) and the generation sub-batch (N tokens), MSE on the
   velocity, global-norm clipping and AdamW with fp32 master weights. Ours is
-  `genmask_jax.train.train_step` (remat policy from the preset); diffusers' model runs under
-  autocast with gradient checkpointing when ours rematerializes.
+  `genmask_jax.training.train.train_step` (remat policy from the preset); diffusers' model runs
+  under autocast with gradient checkpointing when ours rematerializes.
 - one-step segmentation: image encode, one DiT forward at t = 1, VAE decode to mask logits;
   weights in the compute dtype; masks/s at each batch size.
 MFU divides the analytic model FLOPs below (no recomputation counted) by the step time and the
@@ -38,11 +38,13 @@ import torch  # noqa: E402
 from benchmarks.timing import median_seconds  # noqa: E402
 from configs import models as model_configs  # noqa: E402
 from configs.genmask import get_config  # noqa: E402
-from genmask_jax import inference, sharding, train  # noqa: E402
 from genmask_jax.conversion.dit import diffusers_kwargs  # noqa: E402
-from genmask_jax.genmask import Models, frozen_vae_params  # noqa: E402
+from genmask_jax.inference import model as inference
+from genmask_jax.models.genmask import Models, frozen_vae_params  # noqa: E402
 from genmask_jax.models.vae import spatial_stride  # noqa: E402
-from genmask_jax.optimizer import make_optimizer  # noqa: E402
+from genmask_jax.runtime import sharding
+from genmask_jax.training import train  # noqa: E402
+from genmask_jax.training.optimizer import make_optimizer  # noqa: E402
 
 PRESETS = {
   "1.3b": dict(

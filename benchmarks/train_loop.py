@@ -3,7 +3,7 @@ r"""The real training loop against the bare jitted step on the same kind of batc
   python -m benchmarks.train_loop [--resolution=512] [--steps=30] [--batch_size=4]
 
 Writes sample and feature stores of 640x480 JPEGs (benchmarks/data_pipeline.py), trains the
-tiny config's model on them at --resolution with `genmask_jax.train.train` (grain pipeline,
+tiny config's model on them at --resolution with `genmask_jax.training.train.train` (grain pipeline,
 metrics, the final checkpoint) and times its steady state from the metric writer's steps/s
 (log steps after the first, so compilation is excluded); then times the bare compiled step on 4
 batches of the same pipeline already on the device (benchmarks/demo_step.py), before and after
@@ -25,8 +25,9 @@ from absl import flags
 from benchmarks.data_pipeline import make_stores
 from benchmarks.demo_step import step_runner
 from configs.genmask import get_config
-from genmask_jax import fileio, log_filter, train
 from genmask_jax.data import records
+from genmask_jax.runtime import fileio, log_filter
+from genmask_jax.training import train
 
 
 def loop_seconds_per_step(config, workdir: str) -> float:

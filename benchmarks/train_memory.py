@@ -2,8 +2,8 @@
 
   python -m benchmarks.train_memory --size=1.3b --resolution=512 --batch=8 --policies=none,full
 
-Lowers and compiles, without running, `genmask_jax.train`'s jitted step (a segmentation and a
-generation sub-batch, VAE encoding inside the step, AdamW) for abstract inputs on fake CPU
+Lowers and compiles, without running, `genmask_jax.training.train`'s jitted step (a segmentation
+and a generation sub-batch, VAE encoding inside the step, AdamW) for abstract inputs on fake CPU
 devices with FSDP (mesh data x fsdp, default 1 x 8), once per remat policy. Reports XLA's
 per-device buffers: arguments (train state, VAE, batch), outputs, aliased (the donated state)
 and temporaries (activations and scratch); peak ~ arguments + outputs - aliased + temporaries.
@@ -30,10 +30,11 @@ import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 
 from configs.genmask import get_config  # noqa: E402
-from genmask_jax import sharding, train  # noqa: E402
 from genmask_jax.data.pipeline import TEXT_DTYPES  # noqa: E402
-from genmask_jax.genmask import Models  # noqa: E402
-from genmask_jax.optimizer import make_optimizer  # noqa: E402
+from genmask_jax.models.genmask import Models  # noqa: E402
+from genmask_jax.runtime import sharding
+from genmask_jax.training import train  # noqa: E402
+from genmask_jax.training.optimizer import make_optimizer  # noqa: E402
 
 GIB = 2**30
 

@@ -4,7 +4,8 @@ r"""Entry point: training and evaluation.
       [--config.optimizer.lr=3e-5 ...] [--mode=train|eval]
   python -m genmask_jax.main --mode=eval --workdir=runs/genmask [--config.eval.splits=...]
 
-Evaluation takes the run's own config by default (genmask_jax/run.py): --workdir is enough;
+Evaluation takes the run's own config by default (genmask_jax/inference/run.py): --workdir is
+enough;
 --config and --config.x=y overrides apply on top, and a change to a field that shapes the
 model is refused.
 
@@ -17,7 +18,9 @@ from __future__ import annotations
 from absl import app, flags
 from ml_collections import config_flags
 
-from genmask_jax import distributed, log_filter, preemption, run
+from genmask_jax.inference import run
+from genmask_jax.runtime import distributed, log_filter
+from genmask_jax.training import preemption
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Config file.", lock_config=True)
 _WORKDIR = flags.DEFINE_string("workdir", None, "Checkpoints, logs and results.", required=True)
@@ -34,12 +37,12 @@ def main(argv: list[str]) -> None:
   log_filter.quiet_library_logs()
   distributed.initialize(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value)
   if _MODE.value == "train":
-    from genmask_jax import train
+    from genmask_jax.training import train
 
     preemption.install()  # Before the restore and the compilation, which can take minutes.
     train.train(_CONFIG.value, _WORKDIR.value)
   else:
-    from genmask_jax import evaluate
+    from genmask_jax.evaluation import evaluate
 
     evaluate.evaluate(_CONFIG.value, _WORKDIR.value, overrides)
 

@@ -16,8 +16,9 @@ import os
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from genmask_jax import fileio, log_filter, weights
+from genmask_jax.conversion import weights
 from genmask_jax.conversion.dit import convert_dit_file
+from genmask_jax.runtime import fileio, log_filter
 
 _CONFIG = config_flags.DEFINE_config_file("config", "configs/genmask.py", "Model config.")
 _DIT = flags.DEFINE_string("dit", None, "DiT checkpoint: file, folder or *.safetensors.index.json.")

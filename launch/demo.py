@@ -6,7 +6,7 @@ r"""The CPU demo: every stage of the real GenMask pipeline at toy scale, no down
 2. builds a tiny random Qwen2.5-VL and precomputes its features (launch/precompute_vlm.py);
 3. trains a small WAN-layout VAE by reconstruction, freezes it and stores the training
    latents (launch/precompute_latents.py);
-4. trains a small GenMask DiT with the paper's recipe (genmask_jax.train);
+4. trains a small GenMask DiT with the paper's recipe (genmask_jax.training.train);
 5. evaluates one-step segmentation on held-out expressions (and, to show fit, on training
    scenes) against two baselines and generates images from held-out captions;
 6. prints a summary; PNGs, results and TensorBoard logs stay under --workdir.
@@ -30,22 +30,16 @@ from absl import app, flags, logging
 from ml_collections import config_flags
 from PIL import Image
 
-from genmask_jax import (
-  encode_latents,
-  evaluate,
-  inference,
-  log_filter,
-  metrics,
-  run,
-  sharding,
-  train,
-  vae_training,
-  weights,
-)
-from genmask_jax.data import records, synthetic
+from genmask_jax.conversion import weights
+from genmask_jax.data import encode_latents, records, synthetic
 from genmask_jax.data.features import FeatureReader
-from genmask_jax.genmask import Models
-from genmask_jax.masks import mask_to_image
+from genmask_jax.data.masks import mask_to_image
+from genmask_jax.evaluation import evaluate, metrics
+from genmask_jax.inference import model as inference
+from genmask_jax.inference import run
+from genmask_jax.models.genmask import Models
+from genmask_jax.runtime import log_filter, sharding
+from genmask_jax.training import train, vae_training
 from genmask_jax.vlm.tiny_qwen import save_tiny_qwen
 
 _CONFIG = config_flags.DEFINE_config_file("config", "configs/demo.py", "Demo config.")

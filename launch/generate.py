@@ -9,8 +9,8 @@ encoded by the VLM in-process (--vlm, the caption alone as in launch/precompute_
 from the store's feature store (--features). Euler sampling with classifier-free guidance;
 --steps, --shift and --guidance default to config.generate. The grid holds the images in order,
 --columns per row. The same queries, seed and batch size give the same images. The model is the
-latest checkpoint under --workdir with the run's own config (genmask_jax/run.py); --config and
---config.x=y apply on top.
+latest checkpoint under --workdir with the run's own config (genmask_jax/inference/run.py);
+--config and --config.x=y apply on top.
 """
 
 from __future__ import annotations
@@ -22,7 +22,8 @@ import numpy as np
 from absl import app, flags
 from PIL import Image
 
-from genmask_jax import fileio, log_filter, queries, run
+from genmask_jax.inference import queries, run
+from genmask_jax.runtime import fileio, log_filter
 from launch import queries as query_flags
 
 _PROMPT = flags.DEFINE_multi_string("prompt", [], "A caption; repeatable.")

@@ -24,11 +24,11 @@ import ml_collections
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from genmask_jax import fileio, log_filter
 from genmask_jax.data import latents
+from genmask_jax.data.encode_latents import precompute
 from genmask_jax.data.features import StoreLayout
 from genmask_jax.data.records import TASKS, RecordReader
-from genmask_jax.encode_latents import precompute
+from genmask_jax.runtime import fileio, log_filter
 from launch import fanout
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Training config.", lock_config=True)

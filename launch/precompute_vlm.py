@@ -30,7 +30,6 @@ from collections.abc import Sequence
 
 from absl import app, flags, logging
 
-from genmask_jax import fileio, log_filter
 from genmask_jax.data.features import (
   MANIFEST_FILE,
   FeatureError,
@@ -40,6 +39,7 @@ from genmask_jax.data.features import (
   StoreLayout,
 )
 from genmask_jax.data.records import RecordReader
+from genmask_jax.runtime import fileio, log_filter
 from genmask_jax.vlm import encode, image_policy, prompts
 from launch import fanout
 

@@ -12,7 +12,7 @@ sample store; their texts are encoded by the VLM in-process (--vlm, images given
 run's image policy) or read from the store's feature store (--features). --reasoning: the VLM
 first rewrites each text into an explicit target (ReasonSeg's two stages), or --features holds
 such rewrites. The model is the latest checkpoint under --workdir with the run's own config
-(genmask_jax/run.py); --config and --config.x=y apply on top. Query i writes
+(genmask_jax/inference/run.py); --config and --config.x=y apply on top. Query i writes
 `{out}/{i:03d}_{name}_mask.png`, the mask at the image's own size (0 background, 255
 foreground), and `..._overlay.png`, the image with the mask in red.
 """
@@ -26,9 +26,10 @@ import numpy as np
 from absl import app, flags
 from PIL import Image
 
-from genmask_jax import fileio, log_filter, queries, run
 from genmask_jax.data import records
 from genmask_jax.evaluation import report
+from genmask_jax.inference import queries, run
+from genmask_jax.runtime import fileio, log_filter
 from launch import queries as query_flags
 
 _IMAGE = flags.DEFINE_multi_string("image", [], "Image file (JPEG or PNG); repeatable.")

@@ -31,9 +31,9 @@ from collections.abc import Iterable, Iterator
 
 from tqdm import tqdm
 
-from genmask_jax import fileio
 from genmask_jax.data import records, synthetic
 from genmask_jax.data.sources import reasonseg, refcoco, semseg, text_image
+from genmask_jax.runtime import fileio
 
 
 def write_splits(

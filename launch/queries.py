@@ -1,5 +1,5 @@
-"""The flags launch/predict.py and launch/generate.py share, over genmask_jax/run.py (the
-trained model) and genmask_jax/queries.py (queries, their features, batches).
+"""The flags launch/predict.py and launch/generate.py share, over genmask_jax/inference/run.py (the
+trained model) and genmask_jax/inference/queries.py (queries, their features, batches).
 
 The model is the run under --workdir with its own config (run.json, or the config its
 checkpoints hold); --config and --config.x=y overrides apply on top, and a change to a field
@@ -15,7 +15,7 @@ import numpy as np
 from absl import app, flags
 from ml_collections import config_flags
 
-from genmask_jax import queries, run
+from genmask_jax.inference import queries, run
 
 CONFIG = config_flags.DEFINE_config_file(
   "config", None, "Optional: a config to use instead of the run's own (checked against it)."

@@ -28,7 +28,7 @@ import subprocess
 import sys
 import time
 
-from genmask_jax import fileio
+from genmask_jax.runtime import fileio
 from launch import commands, tpu_pod
 
 STATE_FILE = "supervisor.json"

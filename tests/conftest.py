@@ -58,7 +58,7 @@ def shared_file(relative: str) -> str:
 def gcs():
   """A GCS API server on 127.0.0.1 (fake-gcs-server), with this process's storage clients
   pointed at it; `gcs.env` is the environment for subprocesses, `gcs.create_bucket(name)`."""
-  from genmask_jax import gcs_emulator
+  from genmask_jax.runtime import gcs_emulator
 
   emulator = gcs_emulator.Emulator().start().stop_at_exit()
   gcs_emulator.apply(emulator.env)

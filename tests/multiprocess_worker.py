@@ -9,7 +9,8 @@ import jax
 import train_config
 from training_data import SlicedBatches
 
-from genmask_jax import distributed, train
+from genmask_jax.runtime import distributed
+from genmask_jax.training import train
 
 
 def main(root: str, workdir: str, num_processes: int, process_id: int, port: int) -> None:

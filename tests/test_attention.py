@@ -14,9 +14,9 @@ import numpy as np
 import pytest
 
 from configs.models import wan_dit
-from genmask_jax import sharding
 from genmask_jax.models import attention
 from genmask_jax.models.dit import WanDiT
+from genmask_jax.runtime import sharding
 
 # 128-wide tiles: the queries span two tiles, both sequences need padding.
 SMALL_TILES = dict(attention.SPLASH_BLOCK_SIZES, **{k: 128 for k in attention.SPLASH_BLOCK_SIZES})

@@ -18,10 +18,10 @@ from test_train import final_params
 from train_config import get_config
 from training_data import IMAGE_SIZE, make_stores
 
-from genmask_jax import fileio
 from genmask_jax.data import latents, pipeline, records
 from genmask_jax.data.features import FeatureError, FeatureReader
-from genmask_jax.metric_writer import MetricWriter
+from genmask_jax.runtime import fileio
+from genmask_jax.training.metric_writer import MetricWriter
 
 ENV = dict(os.environ, PYTHONPATH=".:tests", JAX_PLATFORMS="cpu")
 
@@ -385,7 +385,7 @@ def test_converted_weights_written_to_and_restored_from_gcs(gcs, bucket, tmp_pat
   from safetensors.numpy import save_file
   from test_dit import setup
 
-  from genmask_jax import weights
+  from genmask_jax.conversion import weights
   from genmask_jax.conversion.dit import convert_dit_file
 
   config, _, state = setup()

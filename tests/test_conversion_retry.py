@@ -11,7 +11,7 @@ from safetensors.numpy import save_file
 from test_data_sources import _reasonseg_fixture
 from test_dit import setup
 
-from genmask_jax import weights
+from genmask_jax.conversion import weights
 from genmask_jax.data import records
 from launch import prepare_data
 

@@ -10,7 +10,7 @@ from jax.sharding import NamedSharding, PartitionSpec
 from safetensors.numpy import save_file
 from test_dit import setup
 
-from genmask_jax import weights
+from genmask_jax.conversion import weights
 from genmask_jax.conversion.dit import convert_dit_file
 
 

@@ -10,9 +10,11 @@ import numpy as np
 import pytest
 from train_config import get_config
 
-from genmask_jax import inference, sharding, train
 from genmask_jax.data import pipeline
-from genmask_jax.genmask import Models
+from genmask_jax.inference import model as inference
+from genmask_jax.models.genmask import Models
+from genmask_jax.runtime import sharding
+from genmask_jax.training import train
 
 
 @pytest.fixture(scope="module")

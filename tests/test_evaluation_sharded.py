@@ -10,8 +10,8 @@ import numpy as np
 import pytest
 from processes import PORT_TAKEN, Processes, free_port, wait
 
-from genmask_jax import metrics, sharding
-from genmask_jax.evaluation import reduce
+from genmask_jax.evaluation import metrics, reduce
+from genmask_jax.runtime import sharding
 
 SQUARE, PADDED_HW = 16, (24, 24)
 ARGS = ("logits", "gt", "original_hw", "resized_hw", "valid")  # make_batch_sums' arguments.
@@ -122,7 +122,8 @@ import jax
 process, port, out = int(sys.argv[1]), sys.argv[2], sys.argv[3]
 jax.distributed.initialize(f"localhost:{port}", num_processes=2, process_id=process)
 import numpy as np
-from genmask_jax import metrics, sharding
+from genmask_jax.evaluation import metrics
+from genmask_jax.runtime import sharding
 from genmask_jax.evaluation import reduce
 from tests.test_evaluation_sharded import ARGS, batches, make_split
 

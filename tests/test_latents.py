@@ -11,10 +11,10 @@ import pytest
 from train_config import get_config
 from training_data import IMAGE_SIZE, make_stores
 
-from genmask_jax import encode_latents, train
-from genmask_jax.data import latents, pipeline, records, synthetic
+from genmask_jax.data import encode_latents, latents, pipeline, records, synthetic
 from genmask_jax.data.latents import LatentError, LatentReader
 from genmask_jax.models.vae import LATENTS_STD
+from genmask_jax.training import train
 
 ENV = dict(os.environ, PYTHONPATH=".:tests", JAX_PLATFORMS="cpu")
 

@@ -7,8 +7,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from genmask_jax import metrics
-from genmask_jax.evaluation import reduce, report, resize
+from genmask_jax.evaluation import metrics, reduce, report, resize
 
 THRESHOLDS = (0.5, 0.6, 0.7, 0.8, 0.9)
 

@@ -21,11 +21,12 @@ from PIL import Image
 from train_config import get_config
 from training_data import IMAGE_SIZE, make_stores
 
-from genmask_jax import inference, sharding
 from genmask_jax.data import pipeline, records
 from genmask_jax.data.features import FeatureMeta, FeatureWriter, StoreLayout
 from genmask_jax.evaluation import resize
-from genmask_jax.genmask import Models
+from genmask_jax.inference import model as inference
+from genmask_jax.models.genmask import Models
+from genmask_jax.runtime import sharding
 from genmask_jax.vlm import encode, prompts, tiny_qwen
 from launch import precompute_vlm
 
@@ -182,7 +183,8 @@ def _run_tools(runner, tmp, root, workdir, vlm_dir, stores) -> dict:
 def reference_masks(runs) -> dict[str, np.ndarray]:
   """The masks of the store's first two samples computed here, not by launch/predict.py: the
   evaluation's input pipeline, the checkpoint restored and segmented through
-  genmask_jax.inference, logits cropped and resized back to the image's size, thresholded at 0."""
+  genmask_jax.inference.model, logits cropped and resized back to the image's size, thresholded
+  at 0."""
   config = get_config(runs["root"])
   config.dit.text_dim, config.data.text_len = VLM_WIDTH, TEXT_LEN
   config.data.encoder_model_id = VLM_ID

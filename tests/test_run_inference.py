@@ -1,6 +1,6 @@
-"""A run directory describes itself (genmask_jax/run.py): after the shortened demo, predict,
-generate and --mode=eval need only --workdir, give the evaluation's own results, accept user
-images of any size, and refuse a swapped VAE or a change to the model's size by name."""
+"""A run directory describes itself (genmask_jax/inference/run.py): after the shortened demo,
+predict, generate and --mode=eval need only --workdir, give the evaluation's own results, accept
+user images of any size, and refuse a swapped VAE or a change to the model's size by name."""
 
 import json
 import os
@@ -14,9 +14,12 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from genmask_jax import metrics, run, sharding, weights
+from genmask_jax.conversion import weights
 from genmask_jax.data import records, synthetic
-from genmask_jax.genmask import Models
+from genmask_jax.evaluation import metrics
+from genmask_jax.inference import run
+from genmask_jax.models.genmask import Models
+from genmask_jax.runtime import sharding
 
 # The shortened demo fits its 64 training scenes and generalizes little: its first training
 # scene, redrawn at 140 x 200 and 91 x 37, is found (measured: 87% and 65% of the target shape

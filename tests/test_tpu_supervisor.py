@@ -16,8 +16,9 @@ from conftest import fake_devices
 from train_config import get_config
 from training_data import make_stores
 
-from genmask_jax import checkpointing, sharding
-from genmask_jax.genmask import Models
+from genmask_jax.models.genmask import Models
+from genmask_jax.runtime import sharding
+from genmask_jax.training import checkpointing
 from launch import commands, tpu_pod
 
 ENV = dict(os.environ, PYTHONPATH=".:tests", JAX_PLATFORMS="cpu", XLA_FLAGS=fake_devices(8))

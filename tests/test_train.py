@@ -16,9 +16,10 @@ from processes import PORT_TAKEN, Processes, free_port, wait
 from train_config import get_config
 from training_data import make_stores
 
-from genmask_jax import checkpointing, sharding, train
-from genmask_jax.genmask import Models
-from genmask_jax.optimizer import make_optimizer
+from genmask_jax.models.genmask import Models
+from genmask_jax.runtime import sharding
+from genmask_jax.training import checkpointing, train
+from genmask_jax.training.optimizer import make_optimizer
 
 ENV = dict(os.environ, PYTHONPATH=".:tests", JAX_PLATFORMS="cpu")
 

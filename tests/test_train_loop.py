@@ -6,7 +6,7 @@ import os
 import pytest
 from train_config import get_config
 
-from genmask_jax import checkpointing, train
+from genmask_jax.training import checkpointing, train
 
 
 def diverging_config(root: str, log_every: int):

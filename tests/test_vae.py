@@ -17,9 +17,9 @@ from diffusers.loaders.single_file_utils import convert_wan_vae_to_diffusers
 from torch_reference import randomize_, state_dict_numpy
 
 from configs.models import wan_vae
-from genmask_jax import masks
 from genmask_jax.conversion.tensor_files import CheckpointError
 from genmask_jax.conversion.vae import convert_vae_file, original_name, vae_params_from_tensors
+from genmask_jax.data import masks
 from genmask_jax.models.vae import LATENTS_MEAN, LATENTS_STD, WanVAE, spatial_stride
 
 CFG = wan_vae("tiny")  # base_dim 8

@@ -129,7 +129,7 @@ _KILL_WORKER_1 = """
 import os, signal, sys
 
 if "--worker_index=1" in sys.argv:
-  from genmask_jax import fileio
+  from genmask_jax.runtime import fileio
 
   publish, shards = fileio.StagedFile.publish, []
 

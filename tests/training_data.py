@@ -6,9 +6,9 @@ import os
 
 import numpy as np
 
-from genmask_jax import fileio
 from genmask_jax.data import records, synthetic
 from genmask_jax.data.features import FeatureItem, FeatureMeta, FeatureWriter, StoreLayout
+from genmask_jax.runtime import fileio
 from genmask_jax.vlm.prompts import prompt_template
 
 ENCODER = "test-encoder"

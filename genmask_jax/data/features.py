@@ -25,7 +25,7 @@ import ml_dtypes
 import msgpack
 import numpy as np
 
-from genmask_jax import fileio
+from genmask_jax.runtime import fileio
 
 FORMAT_VERSION = 1
 META_FILE = "meta.json"

@@ -37,10 +37,10 @@ import jax
 import numpy as np
 from jax.experimental import multihost_utils
 
-from genmask_jax import fileio
 from genmask_jax.data import records
 from genmask_jax.data.features import StoreLayout
-from genmask_jax.masks import mask_to_image
+from genmask_jax.data.masks import mask_to_image
+from genmask_jax.runtime import fileio
 
 FORMAT_VERSION = 1
 META_FILE = "meta.json"

@@ -39,7 +39,7 @@ import msgpack
 import numpy as np
 from PIL import Image
 
-from genmask_jax import fileio
+from genmask_jax.runtime import fileio
 
 FORMAT_VERSION = 1
 TASKS = ("segmentation", "generation")

@@ -1,3 +1,3 @@
-"""Evaluation: undoing the input resize on predicted logits (`resize`), data-parallel metric
-sums over every device and host (`reduce`) and results / overlay output (`report`). The
-metric definitions live in `genmask_jax.metrics`."""
+"""Evaluation: data-parallel one-step segmentation over every device and host (`evaluate`), the
+metric definitions (`metrics`), undoing the input resize on predicted logits (`resize`), metric
+sums across devices (`reduce`) and results / overlay output (`report`)."""

@@ -20,8 +20,8 @@ import jax.numpy as jnp
 import numpy as np
 from jax.experimental import multihost_utils
 
-from genmask_jax import metrics, sharding
-from genmask_jax.evaluation import resize
+from genmask_jax.evaluation import metrics, resize
+from genmask_jax.runtime import sharding
 
 INT32_LIMIT = 2**31
 

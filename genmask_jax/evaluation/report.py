@@ -13,7 +13,8 @@ from collections.abc import Mapping, Sequence
 import numpy as np
 from PIL import Image
 
-from genmask_jax import fileio, metrics
+from genmask_jax.evaluation import metrics
+from genmask_jax.runtime import fileio
 
 COLUMNS = ("samples", "gIoU", "cIoU") + tuple(f"Prec@0.{k}" for k in metrics.PRECISION_TENTHS)
 TRUTH_RGB, IGNORE_RGB, PREDICTION_RGB = (0, 200, 0), (128, 128, 128), (220, 0, 0)

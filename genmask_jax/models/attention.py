@@ -33,7 +33,7 @@ SPLASH_BLOCK_SIZES = dict(
   block_kv_dq=512,
 )
 _LANES = 128
-# Logical axes of q / k / v and of the key mask (see genmask_jax.sharding).
+# Logical axes of q / k / v and of the key mask (see genmask_jax.runtime.sharding).
 _QKV_AXES = ("activation_batch", "activation_length", "activation_heads", None)
 _KV_AXES = ("activation_batch", None, "activation_heads", None)
 _MASK_AXES = ("activation_batch", None)

@@ -12,10 +12,10 @@ import jax
 import ml_collections
 from absl import logging
 
-from genmask_jax import sharding
 from genmask_jax.data import latents
 from genmask_jax.data.records import TASKS
-from genmask_jax.genmask import Models, frozen_vae_params
+from genmask_jax.models.genmask import Models, frozen_vae_params
+from genmask_jax.runtime import sharding
 
 
 def precompute(

@@ -13,7 +13,7 @@ from typing import Any
 
 import orbax.checkpoint as ocp
 
-from genmask_jax import fileio
+from genmask_jax.runtime import fileio
 
 RECORD = "conversion.json"
 

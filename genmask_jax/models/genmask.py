@@ -14,11 +14,12 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 
-from genmask_jax import sharding, weights
+from genmask_jax.conversion import weights
+from genmask_jax.data.masks import image_to_mask_logits
 from genmask_jax.diffusion.mask_decoders import LinearMaskHead
-from genmask_jax.masks import image_to_mask_logits
 from genmask_jax.models.dit import WanDiT
 from genmask_jax.models.vae import WanVAE, spatial_stride
+from genmask_jax.runtime import sharding
 
 
 @dataclasses.dataclass(frozen=True)

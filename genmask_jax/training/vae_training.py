@@ -12,7 +12,7 @@ import optax
 from absl import logging
 
 from genmask_jax.models.vae import WanVAE, spatial_stride
-from genmask_jax.sharding import strip_axis_names
+from genmask_jax.runtime.sharding import strip_axis_names
 
 
 def unnormalized(vae: WanVAE) -> WanVAE:

@@ -21,10 +21,12 @@ from absl import logging
 from jax.experimental import multihost_utils
 from tqdm import tqdm
 
-from genmask_jax import fileio, inference, metrics, run, sharding
 from genmask_jax.data import pipeline, records
-from genmask_jax.evaluation import reduce, report, resize
-from genmask_jax.genmask import Models
+from genmask_jax.evaluation import metrics, reduce, report, resize
+from genmask_jax.inference import model as inference
+from genmask_jax.inference import run
+from genmask_jax.models.genmask import Models
+from genmask_jax.runtime import fileio, sharding
 from genmask_jax.vlm.prompts import prompt_template
 
 # Sub-results of a split by a boolean source field (ReasonSeg's short and long queries).
@@ -135,7 +137,7 @@ def evaluate_params(
 
 
 def evaluate_run(trained: run.Run, out_dir: str) -> Mapping[str, Mapping[str, float]]:
-  """Evaluates an opened run (genmask_jax/run.py) on its config's splits."""
+  """Evaluates an opened run (genmask_jax/inference/run.py) on its config's splits."""
   with trained.activate():
     return evaluate_params(
       trained.models, trained.params, trained.vae_params, trained.config, trained.mesh, out_dir

@@ -1,7 +1,7 @@
 """A real GCS API server on 127.0.0.1 (fake-gcs-server, in memory) and the environment that
 points every client of the project at it: tests, benchmarks and trials without a bucket.
 
-  python -m genmask_jax.gcs_emulator --bucket=my-bucket   # prints the variables, serves
+  python -m genmask_jax.runtime.gcs_emulator --bucket=my-bucket   # prints the variables, serves
 
 Every client reads its own variable (set them before the clients are imported, in the
 processes that talk to the emulator): gcsfs and google-cloud-storage `STORAGE_EMULATOR_HOST`;
@@ -22,7 +22,7 @@ import time
 import urllib.request
 from collections.abc import Mapping
 
-from genmask_jax import fileio
+from genmask_jax.runtime import fileio
 
 
 def environment(url: str) -> dict[str, str]:

@@ -34,11 +34,13 @@ from absl import app, flags, logging
 from flax import linen as nn
 from ml_collections import config_flags
 
-from genmask_jax import checkpointing, fileio, inference, sharding
 from genmask_jax.data import latents
 from genmask_jax.data.features import FeatureReader
 from genmask_jax.data.records import TASKS
-from genmask_jax.genmask import Models, vae_init_seed
+from genmask_jax.inference import model as inference
+from genmask_jax.models.genmask import Models, vae_init_seed
+from genmask_jax.runtime import fileio, sharding
+from genmask_jax.training import checkpointing
 from genmask_jax.vlm import image_policy
 
 RUN_FILE = "run.json"

@@ -18,7 +18,7 @@ from collections.abc import Mapping
 import jax
 from absl import logging
 
-from genmask_jax import fileio
+from genmask_jax.runtime import fileio
 
 SYNC_EVERY_S = 60.0
 

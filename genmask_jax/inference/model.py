@@ -9,10 +9,12 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 
-from genmask_jax import checkpointing, fileio, sharding, weights
+from genmask_jax.conversion import weights
 from genmask_jax.diffusion import generate, segment
-from genmask_jax.genmask import Models, frozen_vae_params
+from genmask_jax.models.genmask import Models, frozen_vae_params
 from genmask_jax.models.vae import spatial_stride
+from genmask_jax.runtime import fileio, sharding
+from genmask_jax.training import checkpointing
 
 
 def restore_params(config: ml_collections.ConfigDict, workdir: str, models: Models, mesh, rules):

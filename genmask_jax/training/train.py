@@ -22,14 +22,18 @@ import optax
 from absl import logging
 from flax import struct
 
-from genmask_jax import checkpointing, distributed, evaluate, preemption, run, sharding, weights
+from genmask_jax.conversion import weights
 from genmask_jax.data import latents
+from genmask_jax.data.masks import mask_to_image
 from genmask_jax.data.records import TASKS
 from genmask_jax.diffusion import losses, tasks
-from genmask_jax.genmask import Models, frozen_vae_params
-from genmask_jax.masks import mask_to_image
-from genmask_jax.metric_writer import MetricWriter
-from genmask_jax.optimizer import learning_rate, make_optimizer
+from genmask_jax.evaluation import evaluate
+from genmask_jax.inference import run
+from genmask_jax.models.genmask import Models, frozen_vae_params
+from genmask_jax.runtime import distributed, sharding
+from genmask_jax.training import checkpointing, preemption
+from genmask_jax.training.metric_writer import MetricWriter
+from genmask_jax.training.optimizer import learning_rate, make_optimizer
 
 # What the step reads of a data sub-batch (the rest stays on the host); latents from a latent
 # store replace the image.
@@ -250,7 +254,8 @@ def train(
     if recorded is not None:
       run.check_vae(recorded, config, fingerprint, workdir)
     check_latent_stores(config, fingerprint)
-    if jax.process_index() == 0:  # What inference needs to rebuild this model (genmask_jax/run.py).
+    # What inference needs to rebuild this model (genmask_jax/inference/run.py).
+    if jax.process_index() == 0:
       run.write_record(workdir, run.training_record(config, fingerprint))
     step_fn = compile_train_step(models, config, optimizer, shardings, mesh)
     rng = jax.random.key(config.seed + 2)

@@ -12,7 +12,7 @@ import grain
 import ml_collections
 import orbax.checkpoint as ocp
 
-from genmask_jax import fileio
+from genmask_jax.runtime import fileio
 
 
 def _restore_args(abstract: Any, partial: bool = False) -> ocp.args.PyTreeRestore:

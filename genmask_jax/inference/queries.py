@@ -1,4 +1,4 @@
-"""Queries to an opened run (genmask_jax/run.py): masks for images and texts, images for captions.
+"""Queries to an opened run (`run.py`): masks for images and texts, images for captions.
 
 A query is a sample record (genmask_jax/data/records.py) with the VLM hidden states of its
 text: the element `pipeline.preprocess` turns into a model input, so images are decoded,
@@ -21,7 +21,6 @@ import jax
 import ml_collections
 import numpy as np
 
-from genmask_jax import fileio, inference, metrics, sharding
 from genmask_jax.data import pipeline, records
 from genmask_jax.data.features import (
   STORE_DTYPES,
@@ -30,8 +29,10 @@ from genmask_jax.data.features import (
   FeatureReader,
   check_meta,
 )
-from genmask_jax.evaluation import resize
-from genmask_jax.run import Run, RunConfig
+from genmask_jax.evaluation import metrics, resize
+from genmask_jax.inference import model as inference
+from genmask_jax.inference.run import Run, RunConfig
+from genmask_jax.runtime import fileio, sharding
 from genmask_jax.vlm import prompts
 
 Sample = records.Sample
