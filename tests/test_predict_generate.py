@@ -42,11 +42,13 @@ MODEL_OVERRIDES = (
 CAPTIONS = ("A photo of a red cat.", "A photo of a blue bus.", "A photo of a dog.")
 
 
-def encode_store(model, processor, store: str, out: str) -> None:
+def encode_store(model, processor, store: str, out: str, reasoning: bool = False) -> None:
   samples = records.RecordReader(store)
-  meta = FeatureMeta(VLM_ID, prompts.prompt_template(), "float16", VLM_WIDTH)
+  meta = FeatureMeta(VLM_ID, prompts.prompt_template(reasoning), "float16", VLM_WIDTH)
   writer = FeatureWriter(out, meta, StoreLayout(len(samples), 1, len(samples)), 0)
-  assert precompute_vlm.precompute(model, processor, samples, writer, batch_size=16)
+  assert precompute_vlm.precompute(
+    model, processor, samples, writer, batch_size=16, reasoning=reasoning
+  )
 
 
 class Runner:
@@ -109,6 +111,10 @@ def runs(tmp_path_factory):
   for store in stores.values():
     shutil.rmtree(store["features"])
     encode_store(model, processor, store["records"], store["features"])
+  # ReasonSeg's two stages, as launch/precompute_vlm.py --reasoning stores them.
+  segmentation = stores["segmentation"]
+  segmentation["reasoning_features"] = str(tmp / "reasoning_features")
+  encode_store(model, processor, segmentation["records"], segmentation["reasoning_features"], True)
   runner = Runner(tmp)
   try:
     yield _run_tools(runner, tmp, root, workdir, vlm_dir, stores)
@@ -130,7 +136,8 @@ def _run_tools(runner, tmp, root, workdir, vlm_dir, stores) -> dict:
   gen_ids = records.RecordReader(generation["records"]).ids()[:2]
   seg_store = [f"--records={segmentation['records']}", f"--features={segmentation['features']}"]
   gen_store = [f"--records={generation['records']}", f"--features={generation['features']}"]
-  out = {name: tmp / name for name in ("vlm", "features", "refused")}
+  out = {name: tmp / name for name in ("vlm", "features", "refused", "reasoning", "usage")}
+  out.update({f"reasoning_{kind}": tmp / f"reasoning_{kind}" for kind in ("vlm", "features")})
   # Batches of 2: the 3-query runs pad their second batch; every run reuses one compilation.
   predict = ["launch.predict", *config, "--batch_size=2"]
   generate = ["launch.generate", *config, "--batch_size=2", "--steps=2", "--columns=2"]
@@ -165,7 +172,61 @@ def _run_tools(runner, tmp, root, workdir, vlm_dir, stores) -> dict:
     "generate_features": runner.start(*generate, *gen_args, f"--out={tmp}/b.png"),
     "generate_features_again": runner.start(*generate, *gen_args, f"--out={tmp}/c.png"),
     "generate_features_seed1": runner.start(*generate, *gen_args, "--seed=1", f"--out={tmp}/d.png"),
+    "predict_reasoning_vlm": runner.start(
+      *predict,
+      f"--vlm={vlm_dir}",
+      "--reasoning",
+      f"--records={segmentation['records']}",
+      f"--sample_id={seg_ids[0]}",
+      f"--out={out['reasoning_vlm']}",
+    ),
+    "predict_reasoning_features": runner.start(
+      *predict,
+      f"--records={segmentation['records']}",
+      f"--features={segmentation['reasoning_features']}",
+      "--reasoning",
+      f"--sample_id={seg_ids[0]}",
+      f"--out={out['reasoning_features']}",
+    ),
+    "predict_reasoning_store_without_flag": runner.start(
+      *predict,
+      f"--records={segmentation['records']}",
+      f"--features={segmentation['reasoning_features']}",
+      f"--sample_id={seg_ids[0]}",
+      f"--out={out['reasoning']}",
+    ),
   }
+  image = str(tmp / "wide.png")
+  usage = {  # name: (command, the error it must print)
+    "no_query": (["launch.predict", *seg_store], "nothing to do: give queries"),
+    "texts_per_image": (
+      [
+        "launch.predict",
+        f"--vlm={vlm_dir}",
+        f"--image={image}",
+        f"--image={image}",
+        "--text=a",
+        "--text=b",
+        "--text=c",
+      ],  # fmt: skip
+      "give one --text per --image, or one for all: got 2 images, 3 texts",
+    ),
+    "vlm_and_features": (
+      ["launch.predict", f"--vlm={vlm_dir}", *seg_store, f"--sample_id={seg_ids[0]}"],
+      "give exactly one of --vlm (encode in-process) and --features",
+    ),
+    "sample_without_records": (
+      ["launch.predict", f"--features={segmentation['features']}", f"--sample_id={seg_ids[0]}"],
+      "--sample_id needs --records",
+    ),
+    "features_for_an_image": (
+      ["launch.predict", *seg_store, f"--sample_id={seg_ids[0]}", f"--image={image}", "--text=a"],
+      "--features holds store samples only",
+    ),
+    "generate_no_query": (["launch.generate", *gen_store], "nothing to do: give queries"),
+  }
+  for name, (command, _) in usage.items():
+    warm[f"usage_{name}"] = runner.start(*command, *config, f"--out={out['usage']}/{name}")
   results.update({name: finish(p) for name, p in warm.items()})
   return dict(
     results=results,
@@ -177,6 +238,7 @@ def _run_tools(runner, tmp, root, workdir, vlm_dir, stores) -> dict:
     workdir=workdir,
     segmentation=segmentation,
     prng_impl=runner.env["JAX_DEFAULT_PRNG_IMPL"],
+    usage={name: message for name, (_, message) in usage.items()},
   )
 
 
@@ -302,3 +364,41 @@ def test_generate_from_features_deterministic_and_varied(runs):
     assert min(t.std() for t in tiles) > 20, name
     assert np.abs(tiles[0] - tiles[1]).mean() > 20, name
   assert np.abs(grids["b"].astype(float) - grids["d"]).mean() > 20
+
+
+def test_predict_with_vlm_in_reasoning_mode_agrees_with_the_reasoning_feature_store(runs):
+  """--vlm --reasoning rewrites the text in-process; --features holds launch/precompute_vlm.py's
+  rewrites: the same two stages, so the same mask up to the store's fp16 rounding."""
+  name = stem(runs["seg_ids"][0])
+  for kind in ("vlm", "features"):
+    stdout = succeeded(runs["results"][f"predict_reasoning_{kind}"])
+    assert str(runs["out"][f"reasoning_{kind}"] / f"000_{name}_mask.png") in stdout
+  from_vlm = prediction(runs["out"]["reasoning_vlm"], 0, name, (IMAGE_SIZE, IMAGE_SIZE))
+  stored = prediction(runs["out"]["reasoning_features"], 0, name, (IMAGE_SIZE, IMAGE_SIZE))
+  assert 0.05 < np.mean(stored > 0) < 0.95
+  assert np.mean(from_vlm == stored) > 0.98
+
+
+def test_a_reasoning_feature_store_needs_reasoning_mode(runs):
+  result = runs["results"]["predict_reasoning_store_without_flag"]
+  assert result.returncode != 0 and "prompt template" in result.stderr
+  assert not runs["out"]["reasoning"].exists()
+
+
+@pytest.mark.parametrize(
+  "name",
+  [
+    "no_query",
+    "texts_per_image",
+    "vlm_and_features",
+    "sample_without_records",
+    "features_for_an_image",
+    "generate_no_query",
+  ],
+)
+def test_usage_errors(runs, name):
+  result = runs["results"][f"usage_{name}"]
+  assert result.returncode != 0
+  assert runs["usage"][name] in result.stderr, result.stderr[-2000:]
+  assert "Traceback" not in result.stderr
+  assert not (runs["out"]["usage"] / name).exists()

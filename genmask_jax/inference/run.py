@@ -213,12 +213,12 @@ def read_record(workdir: str) -> dict | None:
 
 def _tuples(tree: Any) -> Any:
   """JSON lists back to the tuples the model configs use; lists of dicts (sources, splits)
-  stay lists."""
+  stay lists, and so do empty ones (no model field is an empty tuple)."""
   if isinstance(tree, dict):
     return {k: _tuples(v) for k, v in tree.items()}
   if isinstance(tree, list):
     items = [_tuples(v) for v in tree]
-    return items if any(isinstance(v, dict) for v in items) else tuple(items)
+    return items if not items or any(isinstance(v, dict) for v in items) else tuple(items)
   return tree
 
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 import functools
 import math
 from collections.abc import Mapping, Sequence
+from typing import NamedTuple
 
 import flax.linen as nn
 import jax
@@ -181,6 +182,51 @@ class Block(nn.Module):
     return x, None
 
 
+class TokenLayout(NamedTuple):
+  """The DiT's token sequence: the noisy latents' patches, then the condition's (if any).
+
+  Tokens take their timestep embedding from a slot: one slot for all noisy tokens (t of shape
+  (B,)) or one per noisy token (t of shape (B, L)), then one slot with t = 0 shared by every
+  condition token.
+  """
+
+  tokens: jax.Array  # (B, L, patch features): noisy tokens first.
+  positions: np.ndarray  # (L, 3) RoPE grid positions; condition frames after the noisy ones.
+  t_slots: jax.Array  # (B, K) fp32 timestep of each slot.
+  slot: np.ndarray | None  # (L,) each token's slot; None: slots line up with tokens or broadcast.
+  n_noisy: int
+  grid: list[int]  # The noisy latents' (F, H, W) in patches.
+
+
+def token_layout(
+  x: jax.Array,
+  t: jax.Array,
+  cond: jax.Array | None,
+  patch_size: Sequence[int],
+  cond_frame_start: int,
+) -> TokenLayout:
+  """Patches, RoPE positions and timestep slots of noisy latents `x` and condition `cond`."""
+  grid = [n // p for n, p in zip(x.shape[1:4], patch_size, strict=True)]
+  tokens = patchify(x, patch_size)
+  n_noisy = tokens.shape[1]
+  positions = rope.grid_positions(*grid)
+  t = jnp.broadcast_to(jnp.asarray(t, f32), x.shape[:1]) if jnp.ndim(t) == 0 else t.astype(f32)
+  if t.ndim == 2 and t.shape[1] != n_noisy:
+    raise ValueError(f"per-token timesteps have shape {t.shape}, expected (B, {n_noisy})")
+  t_slots = t[:, None] if t.ndim == 1 else t
+  if cond is None:
+    return TokenLayout(tokens, positions, t_slots, None, n_noisy, grid)
+  cond_tokens = patchify(cond, patch_size)
+  cond_grid = [n // p for n, p in zip(cond.shape[1:4], patch_size, strict=True)]
+  start = grid[0] if cond_frame_start < 0 else cond_frame_start
+  positions = np.concatenate([positions, rope.grid_positions(*cond_grid, frame_start=start)])
+  tokens = jnp.concatenate([tokens, cond_tokens.astype(tokens.dtype)], axis=1)
+  noisy_slots = np.zeros(n_noisy, np.int32) if t.ndim == 1 else np.arange(n_noisy)
+  slot = np.concatenate([noisy_slots, np.full(cond_tokens.shape[1], t_slots.shape[1], np.int32)])
+  t_slots = jnp.concatenate([t_slots, jnp.zeros_like(t_slots[:, :1])], axis=1)
+  return TokenLayout(tokens, positions, t_slots, slot, n_noisy, grid)
+
+
 class WanDiT(nn.Module):
   """The WAN-2.1 DiT. Keyword names match `configs.models.wan_dit`."""
 
@@ -252,31 +298,10 @@ class WanDiT(nn.Module):
     """
     dtype = jnp.dtype(self.dtype)
     head_dim = self.dim // self.num_heads
-    grid = [n // p for n, p in zip(x.shape[1:4], self.patch_size, strict=True)]
-    patch_embedding = dense(self.dim, ("patch", "embed"), dtype, "patch_embedding")
+    layout = token_layout(x, t, cond, self.patch_size, self.cond_frame_start)
+    slot, n_noisy = layout.slot, layout.n_noisy
 
-    tokens = patchify(x, self.patch_size)
-    n_noisy = tokens.shape[1]
-    positions = rope.grid_positions(*grid)
-    t = jnp.broadcast_to(jnp.asarray(t, f32), x.shape[:1]) if jnp.ndim(t) == 0 else t.astype(f32)
-    if t.ndim == 2 and t.shape[1] != n_noisy:
-      raise ValueError(f"per-token timesteps have shape {t.shape}, expected (B, {n_noisy})")
-    slot = None
-    if cond is not None:
-      cond_tokens = patchify(cond, self.patch_size)
-      cond_grid = [n // p for n, p in zip(cond.shape[1:4], self.patch_size, strict=True)]
-      start = grid[0] if self.cond_frame_start < 0 else self.cond_frame_start
-      positions = np.concatenate([positions, rope.grid_positions(*cond_grid, frame_start=start)])
-      tokens = jnp.concatenate([tokens, cond_tokens.astype(tokens.dtype)], axis=1)
-      # Slots: the noisy tokens' timestep(s), then one slot with t = 0 for all condition tokens.
-      noisy_slots = np.zeros(n_noisy, np.int32) if t.ndim == 1 else np.arange(n_noisy)
-      n_slots = 1 if t.ndim == 1 else n_noisy
-      slot = np.concatenate([noisy_slots, np.full(cond_tokens.shape[1], n_slots, np.int32)])
-    t_slots = t[:, None] if t.ndim == 1 else t
-    if cond is not None:
-      t_slots = jnp.concatenate([t_slots, jnp.zeros_like(t_slots[:, :1])], axis=1)
-
-    h = patch_embedding(tokens.astype(dtype))
+    h = dense(self.dim, ("patch", "embed"), dtype, "patch_embedding")(layout.tokens.astype(dtype))
     h = nn.with_logical_constraint(
       h.astype(f32), ("activation_batch", "activation_length", "activation_embed")
     )
@@ -287,7 +312,7 @@ class WanDiT(nn.Module):
     per_slot = lambda y: nn.with_logical_constraint(
       y, ("activation_batch", "activation_length", "activation_embed")
     )
-    e = sinusoidal_embedding(t_slots, self.freq_dim)
+    e = sinusoidal_embedding(layout.t_slots, self.freq_dim)
     e = per_slot(dense(self.dim, ("freq", "embed"), f32, "time_embedding_1")(e))
     e = per_slot(dense(self.dim, ("mlp", "embed"), f32, "time_embedding_2")(jax.nn.silu(e)))
     e0 = per_slot(dense(6 * self.dim, ("embed", "mlp"), f32, "time_projection")(jax.nn.silu(e)))
@@ -297,7 +322,7 @@ class WanDiT(nn.Module):
     c = dense(self.dim, ("mlp", "embed"), dtype, "text_embedding_2")(gelu_tanh(c))
     key_mask = context_mask if self.use_text_mask else None
 
-    cos, sin = rope.cos_sin(positions, head_dim)
+    cos, sin = rope.cos_sin(layout.positions, head_dim)
     h, _ = self._blocks()(h, e0, slot, c, key_mask, (jnp.asarray(cos), jnp.asarray(sin)))
 
     # Head, on the noisy tokens only: modulated LayerNorm and a linear map, in fp32.
@@ -311,4 +336,4 @@ class WanDiT(nn.Module):
     shift, scale = e_head[:, :, 0], e_head[:, :, 1]
     h = layer_norm(h[:, :n_noisy], self.eps) * (1 + scale) + shift
     out = dense(math.prod(self.patch_size) * self.out_dim, ("embed", "patch"), f32, "head")(h)
-    return unpatchify(out, grid, self.patch_size)
+    return unpatchify(out, layout.grid, self.patch_size)
