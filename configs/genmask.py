@@ -32,7 +32,8 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   )
 
   # One-step segmentation (paper Eq. 8) and image generation (Euler, WAN's shifted schedule).
-  config.segment = dict(t=1.0, noise="gaussian", seed=0, decoder="vae")  # decoder: vae | linear
+  # decoder: vae | linear; steps > 1: Euler steps from t to 0 (benchmarks/one_step.py).
+  config.segment = dict(t=1.0, noise="gaussian", seed=0, decoder="vae", steps=1)
   config.generate = dict(num_steps=50, shift=5.0, guidance_scale=5.0)
 
   # Sample and feature stores: see launch/prepare_data.py and launch/precompute_vlm.py.

@@ -3,9 +3,12 @@
 The mask latent is unknown, so the DiT input is the noisy latent at time t of its prior mean
 0, `x_t = t eps` (pure noise at the default t = 1); `x0_hat = x_t - t v_hat` is then decoded to
 mask logits (positive = foreground). The noise is one seeded draw shared by every sample, so a
-sample's mask does not depend on its batch, its position in it, or the device mesh.
+sample's mask does not depend on its batch, its position in it, or the device mesh. With
+`steps` > 1 the path from t to 0 is taken in that many equal Euler steps instead (one DiT
+forward each; benchmarks/one_step.py measures what it buys).
 
-config keys: t (default 1.0), noise ("gaussian" | "zeros"), seed, decoder ("vae" | "linear").
+config keys: t (default 1.0), noise ("gaussian" | "zeros"), seed, decoder ("vae" | "linear"),
+steps (default 1).
 """
 
 from __future__ import annotations
@@ -40,10 +43,19 @@ def one_step_latents(
   else:
     raise ValueError(f"segmentation noise {config.noise!r} unknown; expected one of {NOISE}")
   eps = jnp.broadcast_to(eps, cond.shape)
-  t = jnp.full((cond.shape[0],), config.t, jnp.float32)
-  x_t = flow.noisy_latents(jnp.zeros_like(eps), eps, t)
-  v_hat = velocity_fn(params["dit"], x_t, flow.dit_timesteps(t), context, context_mask, cond)
-  return flow.clean_estimate(x_t, v_hat.astype(jnp.float32), t)
+  steps = config.get("steps", 1)
+  if steps < 1:
+    raise ValueError(f"segmentation steps must be >= 1, got {steps}")
+  x = flow.noisy_latents(
+    jnp.zeros_like(eps), eps, jnp.full((cond.shape[0],), config.t, jnp.float32)
+  )
+  for i in range(steps):
+    t_now, t_next = (config.t * (steps - k) / steps for k in (i, i + 1))
+    t = jnp.full((cond.shape[0],), t_now, jnp.float32)
+    v_hat = velocity_fn(params["dit"], x, flow.dit_timesteps(t), context, context_mask, cond)
+    # An Euler step to t_next; the last one (t_next = 0) is the clean estimate x - t v.
+    x = flow.clean_estimate(x, v_hat.astype(jnp.float32), t - t_next)
+  return x
 
 
 def segment(
