@@ -56,6 +56,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     eps=1e-8,
     weight_decay=0.0,
     grad_clip=1.0,
+    ema_decay=0.0,  # > 0: evaluate and serve a moving average of the weights (not the paper's).
   )
   config.mesh = dict(data=1, fsdp=-1, tensor=1)  # -1: all remaining devices.
   config.checkpoint = dict(every=500, keep=3, async_save=True)

@@ -20,8 +20,9 @@ from genmask_jax.training import checkpointing
 def restore_params(config: ml_collections.ConfigDict, workdir: str, models: Models, mesh, rules):
   """(trainable params, VAE params) for inference, in their shardings.
 
-  The trainable parameters come from the latest training checkpoint under `workdir`, or,
-  when there is none, from the converted weights `config.init.weights`.
+  The trainable parameters come from the latest training checkpoint under `workdir` (their
+  moving average when `config.ema_decay` > 0), or, when there is none, from the converted
+  weights `config.init.weights`.
   """
   boxed = jax.eval_shape(models.init_params, jax.random.key(0))
   abstract, _ = sharding.abstract_with_shardings(boxed, mesh, rules)
@@ -30,7 +31,8 @@ def restore_params(config: ml_collections.ConfigDict, workdir: str, models: Mode
   if fileio.isdir(directory):
     ckpt = checkpointing.TrainCheckpoints(directory, keep=1, every=1, async_save=False)
     if ckpt.latest_step() is not None:
-      params = ckpt.restore_params(ckpt.latest_step(), abstract)
+      item = "ema_params" if config.optimizer.get("ema_decay", 0.0) else "params"
+      params = ckpt.restore_params(ckpt.latest_step(), abstract, item)
     ckpt.close()
   if params is None:
     if not config.init.weights or models.mask_head is not None:

@@ -89,13 +89,19 @@ class TrainCheckpoints:
       ) from e
     return restored.state
 
-  def restore_params(self, step: int, abstract_params: Any) -> Any:
-    """Only the trained parameters at `step` (for evaluation and inference)."""
+  def restore_params(self, step: int, abstract_params: Any, item: str = "params") -> Any:
+    """Only the trained parameters at `step` (for evaluation and inference): the train state's
+    `params`, or its `ema_params` (their moving average) when the run kept one."""
+    saved = self.manager.item_metadata(step)["state"]
+    if saved.get(item) is None:
+      raise ValueError(
+        f"{self.manager.directory}/{step}: the train state holds no {item!r} (config.ema_decay "
+        "> 0 asks for the weights' moving average, which only a run trained with it keeps)"
+      )
     restored = self.manager.restore(
-      step,
-      args=ocp.args.Composite(state=_restore_args({"params": abstract_params}, partial=True)),
+      step, args=ocp.args.Composite(state=_restore_args({item: abstract_params}, partial=True))
     )
-    return restored.state["params"]
+    return restored.state[item]
 
   def restore_config(self, step: int) -> dict | None:
     """The config saved at `step` (config.to_dict()), or None if that checkpoint has none."""

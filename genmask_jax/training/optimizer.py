@@ -1,7 +1,12 @@
-"""AdamW with fp32 moments, linear warm-up then cosine decay, and global-norm clipping."""
+"""AdamW with fp32 moments, linear warm-up then cosine decay, and global-norm clipping; an
+optional exponential moving average of the parameters (`ema_decay` > 0; not in the paper's
+recipe), which evaluation and inference then use."""
 
 from __future__ import annotations
 
+from typing import Any
+
+import jax
 import jax.numpy as jnp
 import ml_collections
 import optax
@@ -31,3 +36,10 @@ def make_optimizer(config: ml_collections.ConfigDict) -> optax.GradientTransform
       mu_dtype=jnp.float32,
     ),
   )
+
+
+def ema_update(ema: Any, params: Any, decay: float, step: jax.Array) -> Any:
+  """The moving average after the update to `step`: the decay ramps up as min(decay,
+  (1 + step) / (10 + step)), so early averages do not hold on to the initialization."""
+  rate = 1 - jnp.minimum(decay, (1 + step) / (10 + step))
+  return jax.tree.map(lambda e, p: e + rate * (p - e), ema, params)

@@ -33,7 +33,7 @@ from genmask_jax.models.genmask import Models, frozen_vae_params
 from genmask_jax.runtime import distributed, sharding
 from genmask_jax.training import checkpointing, preemption
 from genmask_jax.training.metric_writer import MetricWriter
-from genmask_jax.training.optimizer import learning_rate, make_optimizer
+from genmask_jax.training.optimizer import ema_update, learning_rate, make_optimizer
 
 # What the step reads of a data sub-batch (the rest stays on the host); latents from a latent
 # store replace the image.
@@ -53,16 +53,24 @@ class TrainState(struct.PyTreeNode):
   step: jax.Array
   params: Any  # {"dit": ..., "mask_head": ...} (the head only for linear_bce).
   opt_state: Any
+  ema_params: Any = None  # Their moving average, with config.optimizer.ema_decay > 0.
+
+
+def new_train_state(params: Any, optimizer, config: ml_collections.ConfigDict) -> TrainState:
+  ema = params if config.optimizer.get("ema_decay", 0.0) else None
+  return TrainState(jnp.zeros((), jnp.int32), params, optimizer.init(params), ema)
+
+
+def eval_params(state: TrainState) -> Any:
+  """The parameters evaluation and inference use: the moving average when there is one."""
+  return state.params if state.ema_params is None else state.ema_params
 
 
 def abstract_train_state(models, config, optimizer, mesh, rules) -> tuple[TrainState, TrainState]:
   """The train state's shapes and shardings, derived without materializing anything."""
 
   def init(rng):
-    params = models.init_params(rng)
-    return TrainState(
-      step=jnp.zeros((), jnp.int32), params=params, opt_state=optimizer.init(params)
-    )
+    return new_train_state(models.init_params(rng), optimizer, config)
 
   return sharding.abstract_with_shardings(jax.eval_shape(init, jax.random.key(0)), mesh, rules)
 
@@ -81,9 +89,7 @@ def initial_train_state(models, config, optimizer, mesh, rules) -> TrainState:
     params = sharding.strip_axis_names(models.init_params(rng))
     if dit_params is not None:
       params["dit"] = dit_params
-    return TrainState(
-      step=jnp.zeros((), jnp.int32), params=params, opt_state=optimizer.init(params)
-    )
+    return new_train_state(params, optimizer, config)
 
   dit_params = None
   if config.init.weights:
@@ -155,9 +161,11 @@ def train_step(
 
   (loss, metrics), grads = jax.value_and_grad(total_loss, has_aux=True)(state.params)
   updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
-  state = state.replace(
-    step=state.step + 1, params=optax.apply_updates(state.params, updates), opt_state=opt_state
-  )
+  params = optax.apply_updates(state.params, updates)
+  ema = state.ema_params
+  if ema is not None:
+    ema = ema_update(ema, params, config.optimizer.ema_decay, state.step)
+  state = state.replace(step=state.step + 1, params=params, opt_state=opt_state, ema_params=ema)
   metrics.update(loss=loss, grad_norm=optax.global_norm(grads))
   return state, metrics
 
@@ -289,7 +297,7 @@ def train(
         if evaluate_now:
           out_dir = os.path.join(workdir, "eval", f"step_{step}")
           results = evaluate.evaluate_params(
-            models, state.params, frozen_vae, config, mesh, out_dir
+            models, eval_params(state), frozen_vae, config, mesh, out_dir
           )
           writer.write_eval(step, results)
     finally:
