@@ -31,7 +31,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     config.data[task].resolution = 64
     config.data[task].batch_size = 8
 
-  config.total_steps = 3300
+  config.total_steps = 4500
   config.optimizer.update(lr=3e-3, min_lr=1e-5, warmup_steps=100, b2=0.95)
   config.mesh = dict(data=1, fsdp=-1, tensor=1)
   config.checkpoint = dict(every=250, keep=2, async_save=True)

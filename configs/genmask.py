@@ -16,6 +16,7 @@ from genmask_jax.data import pipeline
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   size = arg or "1.3b"
   config = ml_collections.ConfigDict()
+  config.seed = 0  # Initialization, noise and (config.data.seed) data order.
   config.dit = models.wan_dit(size)
   config.vae = models.wan_vae("wan2.1" if size in ("1.3b", "mid") else size)
   # Folders written by launch/convert_wan.py; empty: random initialization.
@@ -38,6 +39,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
 
   # Sample and feature stores: see launch/prepare_data.py and launch/precompute_vlm.py.
   config.data = pipeline.default_config()
+  config.data.seed = config.get_ref("seed")
   config.data.segmentation.batch_size = 64  # Per process; 1024 in all on 8 hosts x 2 tasks.
   config.data.generation.batch_size = 64
 
@@ -61,5 +63,4 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   config.mesh = dict(data=1, fsdp=-1, tensor=1)  # -1: all remaining devices.
   config.checkpoint = dict(every=500, keep=3, async_save=True)
   config.log_every = 50
-  config.seed = 0
   return config
