@@ -34,7 +34,7 @@ from genmask_jax.conversion import weights
 from genmask_jax.data import encode_latents, records, synthetic
 from genmask_jax.data.features import FeatureReader
 from genmask_jax.data.masks import mask_to_image
-from genmask_jax.evaluation import evaluate, metrics
+from genmask_jax.evaluation import colours, evaluate, metrics
 from genmask_jax.inference import model as inference
 from genmask_jax.inference import run
 from genmask_jax.models.genmask import Models
@@ -152,8 +152,8 @@ def baselines(records_dir: str) -> dict[str, dict[str, float]]:
   return results
 
 
-def generate_images(config, models, params, vae_params, captions_dir, features_dir, out_path):
-  """Generates one image per held-out caption; writes a grid PNG (generated above real)."""
+def generate_images(config, models, params, vae_params, captions_dir, features_dir) -> np.ndarray:
+  """(N, R, R, 3) uint8 images generated from the captions of a generation store."""
   reader, features = records.RecordReader(captions_dir), FeatureReader(features_dir)
   text_len, hidden = config.data.text_len, config.dit.text_dim
   text = np.zeros((len(reader), text_len, hidden), np.float32)
@@ -167,11 +167,27 @@ def generate_images(config, models, params, vae_params, captions_dir, features_d
   images = generate(
     params, vae_params, jax.random.key(0), text, text_mask, config.generate.guidance_scale
   )
-  generated = ((np.asarray(images) + 1) * 127.5).clip(0, 255).astype(np.uint8)
-  real = np.stack([records.decode_image(reader[i]) for i in range(len(reader))])
-  grid = np.concatenate([np.concatenate(list(generated), 1), np.concatenate(list(real), 1)], 0)
+  return ((np.asarray(images) + 1) * 127.5).clip(0, 255).astype(np.uint8)
+
+
+def generation_scores(images: dict[str, np.ndarray], captions_dir: str) -> dict[str, dict]:
+  """Named-colour recall / precision (evaluation/colours.py) of each set of images against the
+  captions they were generated from, and of the real scenes."""
+  reader = records.RecordReader(captions_dir)
+  captions = [reader[i]["text"] for i in range(len(reader))]
+  images = dict(
+    images, **{"real scenes": [records.decode_image(reader[i]) for i in range(len(reader))]}
+  )
+  return {name: colours.colour_scores(x, captions, synthetic.COLORS) for name, x in images.items()}
+
+
+def save_grid(generated: np.ndarray, captions_dir: str, out_path: str, columns: int = 8) -> None:
+  """The first `columns` generated images above their real scenes, as one PNG."""
+  reader = records.RecordReader(captions_dir)
+  n = min(columns, len(generated))
+  real = [records.decode_image(reader[i]) for i in range(n)]
+  grid = np.concatenate([np.concatenate(list(generated[:n]), 1), np.concatenate(real, 1)], 0)
   Image.fromarray(grid).save(out_path)
-  return [reader[i]["text"] for i in range(len(reader))]
 
 
 def prepare(config, workdir: str) -> dict[str, dict[str, str]]:
@@ -225,11 +241,19 @@ def main(argv: list[str]) -> None:
       models, untrained, vae_params, config, opened.mesh, os.path.join(workdir, "eval_init")
     )
     trained = evaluate.evaluate_run(opened, os.path.join(workdir, "eval"))
-    grid_path = os.path.join(workdir, "generated.png")
-    captions = generate_images(
-        config, models, opened.params, vae_params, store["gen_heldout"]["records"],
-        store["gen_heldout"]["features"], grid_path,
-    )  # fmt: skip
+    captions_dir = store["gen_heldout"]["records"]
+    generated = {
+      name: generate_images(
+        config, models, params, vae_params, captions_dir, store["gen_heldout"]["features"]
+      )
+      for name, params in (
+        ("GenMask (trained)", opened.params),
+        ("GenMask (initialization)", untrained),
+      )
+    }
+  grid_path = os.path.join(workdir, "generated.png")
+  save_grid(generated["GenMask (trained)"], captions_dir, grid_path)
+  generation = generation_scores(generated, captions_dir)
 
   rows = {"GenMask (trained)": trained, "GenMask (initialization)": at_init}
   for split in config.eval.splits:
@@ -240,7 +264,7 @@ def main(argv: list[str]) -> None:
     for name, row in rows.items()
   }
   with open(os.path.join(workdir, "summary.json"), "w") as f:
-    json.dump(summary, f, indent=2)
+    json.dump(dict(summary, generation=generation), f, indent=2)
   print(
     f"\nGenMask demo: held-out expressions ({int(trained['heldout']['samples'])} samples, "
     f"unseen color-kind pairs); mIoU on training scenes ({int(trained['train']['samples'])}) "
@@ -253,9 +277,14 @@ def main(argv: list[str]) -> None:
       f"{name:26s} {held['gIoU']:12.3f} {held['cIoU']:12.3f} {held['Prec@0.5']:9.3f} "
       f"{r['train']['gIoU']:11.3f}"
     )
-  print(f"\ngenerated from held-out captions (top row; real scenes below): {grid_path}")
-  for caption in captions:
-    print(f"  - {caption}")
+  print(
+    f"\nimages from {len(generated['GenMask (trained)'])} held-out captions: colours named in "
+    "the caption that the image shows (recall), colours shown that were named (precision)"
+  )
+  print(f"{'':26s} {'recall':>8s} {'precision':>10s}")
+  for name, r in generation.items():
+    print(f"{name:26s} {r['recall']:8.3f} {r['precision']:10.3f}")
+  print(f"generated images (top row; real scenes below): {grid_path}")
   print(f"overlays: {os.path.join(workdir, 'eval', 'heldout_overlays.png')}")
   print(f"TensorBoard: tensorboard --logdir={os.path.join(run_dir, 'tensorboard')}")
   print(f"workdir: {workdir}  ({(time.time() - start) / 60:.1f} min)")
