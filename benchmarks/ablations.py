@@ -46,7 +46,7 @@ VARIANTS = {
   "no generation data": {"data.generation.sources": []},
   "no generation data, same compute": {
     "data.generation.sources": [],
-    "data.segmentation.batch_size": 16,
+    "data.segmentation.global_batch_size": 16,
   },
 }
 

@@ -23,7 +23,8 @@ import grain
 import numpy as np
 from absl import flags
 
-from genmask_jax.data import latents, pipeline, records
+from configs import data
+from genmask_jax.data import encode_latents, pipeline, records
 from genmask_jax.data.features import FeatureItem, FeatureMeta, FeatureWriter, StoreLayout
 from genmask_jax.runtime import fileio, gcs_emulator
 from genmask_jax.vlm.prompts import prompt_template
@@ -70,7 +71,7 @@ def make_stores(root: str, task: str, args) -> dict:
   if args.latents:  # Random latents of the right shape: only their reading is timed.
     side = args.resolution // 8
     source["latents"] = os.path.join(root, task + "_latents")
-    latents.encode_store(
+    encode_latents.encode_store(
       lambda x: rng.normal(size=(len(x), side, side, 16)).astype(np.float32),
       samples,
       source["latents"],
@@ -123,7 +124,7 @@ def main() -> None:
   flags.FLAGS.mark_as_parsed()  # grain workers read absl flags.
 
   with tempfile.TemporaryDirectory() as root:
-    cfg = pipeline.default_config()
+    cfg = data.default_config()
     cfg.update(
       encoder_model_id=args.model_id,
       text_len=args.text_len,
@@ -134,7 +135,7 @@ def main() -> None:
       cfg[task].update(
         sources=[make_stores(root, task, args)],
         resolution=args.resolution,
-        batch_size=args.batch_size,
+        global_batch_size=args.batch_size,
       )
     configs = {"local": cfg}
     if args.gcs:

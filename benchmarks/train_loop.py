@@ -59,7 +59,7 @@ def main() -> None:
       config.data[task].update(
         sources=[make_stores(root, task, store_args)],
         resolution=args.resolution,
-        batch_size=args.batch_size,
+        global_batch_size=args.batch_size,
       )
     config.update(total_steps=args.steps, log_every=args.log_every)
     config.checkpoint.every = args.steps

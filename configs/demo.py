@@ -29,7 +29,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   config.data.num_threads = 4
   for task in ("segmentation", "generation"):
     config.data[task].resolution = 64
-    config.data[task].batch_size = 8
+    config.data[task].global_batch_size = 8
 
   config.total_steps = 4500
   config.optimizer.update(lr=3e-3, min_lr=1e-5, warmup_steps=100, b2=0.95)

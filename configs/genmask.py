@@ -9,8 +9,7 @@ from __future__ import annotations
 
 import ml_collections
 
-from configs import models
-from genmask_jax.data import pipeline
+from configs import data, models
 
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
@@ -38,10 +37,12 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   config.generate = dict(num_steps=50, shift=5.0, guidance_scale=5.0)
 
   # Sample and feature stores: see launch/prepare_data.py and launch/precompute_vlm.py.
-  config.data = pipeline.default_config()
+  config.data = data.default_config()
   config.data.seed = config.get_ref("seed")
-  config.data.segmentation.batch_size = 64  # Per process; 1024 in all on 8 hosts x 2 tasks.
-  config.data.generation.batch_size = 64
+  # The paper's batch of 1024: 512 segmentation + 512 generation samples per step, whatever
+  # the number of hosts (each reads global_batch_size / process_count of each).
+  config.data.segmentation.global_batch_size = 512
+  config.data.generation.global_batch_size = 512
 
   # Evaluation (`--mode=eval`, and every `every_steps` training steps when > 0). A split:
   # dict(name=, records=, features=, reasoning=False, breakdown="" or "is_sentence").

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import ml_collections
 
-from genmask_jax.models import attention
+from genmask_jax.models.splash_tiles import SPLASH_BLOCK_SIZES
 
 # WAN-2.1 T2V-1.3B, text width 3584 (Qwen2.5-VL-7B final hidden states instead of umT5's 4096).
 _DIT_1P3B = dict(
@@ -41,7 +41,7 @@ def wan_dit(size: str = "1.3b") -> ml_collections.ConfigDict:
     cond_frame_start=-1,  # RoPE frame of the condition tokens; -1: right after the noisy frames.
     dtype="float32",  # Compute dtype; parameters stay fp32.
     attention="xla",  # xla | jax_xla | cudnn (GPU) | splash (TPU)
-    attention_block_sizes=dict(attention.SPLASH_BLOCK_SIZES),  # splash tiles
+    attention_block_sizes=dict(SPLASH_BLOCK_SIZES),  # splash tiles
     # none | full | dots | dots_no_batch | save_attention | save_attention_ffn
     remat_policy="none",
     # Layers per iteration of the layer scan; num_layers unrolls it into straight-line code.

@@ -15,9 +15,12 @@ is set up from the environment (or from --coordinator_address/--num_processes/--
 
 from __future__ import annotations
 
+import os
+
 from absl import app, flags
 from ml_collections import config_flags
 
+from genmask_jax import config_check
 from genmask_jax.inference import run
 from genmask_jax.runtime import distributed, log_filter
 from genmask_jax.training import preemption
@@ -39,12 +42,15 @@ def main(argv: list[str]) -> None:
   if _MODE.value == "train":
     from genmask_jax.training import train
 
+    config_check.validate(_CONFIG.value, "train")
     preemption.install()  # Before the restore and the compilation, which can take minutes.
     train.train(_CONFIG.value, _WORKDIR.value)
   else:
     from genmask_jax.evaluation import evaluate
 
-    evaluate.evaluate(_CONFIG.value, _WORKDIR.value, overrides)
+    spec = run.resolve(_WORKDIR.value, overrides, _CONFIG.value)
+    config_check.validate(spec.config, "eval")
+    evaluate.evaluate_run(run.load(spec), os.path.join(_WORKDIR.value, "eval"))
 
 
 if __name__ == "__main__":

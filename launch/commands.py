@@ -1,23 +1,79 @@
-"""Commands of the cluster launchers: built as argument lists, shown shell-quoted, run or not.
+"""Commands of the cluster launchers: built as argument lists, shown shell-quoted, run or not;
+and the launchers' flag parsing.
 
 Everything a launcher does outside Python goes through `Shell`, so a dry run prints exactly
 what a real run would execute (as lines that can be pasted into bash) and starts no process.
+A launcher whose `main(argv)` tests call in-process defines its absl flags in a FlagValues of
+its own (`parse`), apart from the global FLAGS and from other launchers' flags of one name.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import functools
+import itertools
 import os
 import re
 import shlex
 import subprocess
 import sys
+import types
 from collections.abc import Sequence
+from typing import NoReturn
+
+from absl import flags
 
 PROJECT_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CONFIG_KEY = re.compile(r"[A-Za-z_]\w*(\.[A-Za-z_]\w*)*")
 ENV_NAME = re.compile(r"[A-Za-z_]\w*")
 _HEREDOC_END = "GENMASK_EOF"
+_HELP = ("--help", "-help", "-h", "--helpshort")
+
+Flags = types.SimpleNamespace  # A launcher's parsed flags by name (and what it derives).
+
+
+def definers(values: flags.FlagValues) -> Flags:
+  """absl's DEFINE_* functions defining into `values`; `bool` defaults to False, `multi` (a
+  repeatable string) to []."""
+  bind = lambda define, **defaults: functools.partial(define, flag_values=values, **defaults)
+  return Flags(
+    string=bind(flags.DEFINE_string),
+    integer=bind(flags.DEFINE_integer),
+    float=bind(flags.DEFINE_float),
+    bool=bind(flags.DEFINE_bool, default=False),
+    multi=bind(flags.DEFINE_multi_string, default=[]),
+    enum=bind(flags.DEFINE_enum),
+    list=bind(flags.DEFINE_list),
+  )
+
+
+def usage_error(message: str) -> NoReturn:
+  """Exits 2 with `message` on stderr, as a flag parser does."""
+  print(f"error: {message} (see --help)", file=sys.stderr)
+  raise SystemExit(2)
+
+
+def parse(values: flags.FlagValues, argv: Sequence[str], doc: str) -> list[str]:
+  """Parses argv into `values`, reset to their defaults first (main() may run again in one
+  process); returns the positional arguments. --help prints `doc` and the flags, and exits.
+  A list flag also takes its values space-separated, `--splits a b` for `--splits=a,b`."""
+  if any(arg in _HELP for arg in argv):
+    own = [module for module in values.flags_by_module_dict() if module != "absl.flags"]
+    print(f"{doc}\nflags:\n" + "\n".join(values.module_help(m) for m in own) + "\n")
+    raise SystemExit(0)
+  lists = {f"--{name}" for name in values if isinstance(values[name].parser, flags.ListParser)}
+  joined, i = [], 0
+  while i < len(argv):
+    arg, i = argv[i], i + 1
+    if arg in lists:
+      items = list(itertools.takewhile(lambda a: not a.startswith("-"), argv[i:]))
+      arg, i = f"{arg}={','.join(items)}", i + len(items)
+    joined.append(arg)
+  values.unparse_flags()
+  try:
+    return values(["launcher", *joined])[1:]
+  except flags.Error as e:
+    usage_error(str(e))
 
 
 def assignments(items: Sequence[str], flag: str, key: re.Pattern) -> list[tuple[str, str]]:

@@ -16,6 +16,7 @@ import os
 from absl import app, flags, logging
 from ml_collections import config_flags
 
+from genmask_jax import config_check
 from genmask_jax.conversion import weights
 from genmask_jax.conversion.dit import convert_dit_file
 from genmask_jax.runtime import fileio, log_filter
@@ -32,6 +33,7 @@ def main(argv: list[str]) -> None:
   del argv
   log_filter.quiet_library_logs()
   config, out = _CONFIG.value, _OUT.value
+  config_check.validate(config, "model")
   if not (_DIT.value or _VAE.value):
     raise app.UsageError("give --dit and/or --vae")
   if fileio.exists(os.path.join(out, weights.RECORD)) and not _OVERWRITE.value:

@@ -30,10 +30,12 @@ from absl import app, flags, logging
 from ml_collections import config_flags
 from PIL import Image
 
+from genmask_jax import config_check
 from genmask_jax.conversion import weights
-from genmask_jax.data import encode_latents, records, synthetic
+from genmask_jax.data import encode_latents, preprocess, records, synthetic
 from genmask_jax.data.features import FeatureReader
 from genmask_jax.data.masks import mask_to_image
+from genmask_jax.data.store import is_complete
 from genmask_jax.evaluation import colours, evaluate, metrics
 from genmask_jax.inference import model as inference
 from genmask_jax.inference import run
@@ -54,7 +56,7 @@ def run_module(*args: str) -> None:
 
 
 def make_data(demo, data_dir: str) -> None:
-  if not os.path.exists(os.path.join(data_dir, "gen", "meta.json")):
+  if not is_complete(os.path.join(data_dir, "gen")):
     run_module(
         "launch.prepare_data", "synthetic", f"--output={data_dir}", "--overwrite",
         f"--num_train={demo.num_train}", "--num_val=0", f"--num_heldout={demo.num_heldout}",
@@ -68,7 +70,7 @@ def make_data(demo, data_dir: str) -> None:
     "train_eval": synthetic.samples("train", demo.num_eval_train, image_size=demo.image_size),
   }
   for name, samples in extra.items():
-    if not os.path.exists(os.path.join(data_dir, name, "meta.json")):
+    if not is_complete(os.path.join(data_dir, name)):
       with records.RecordWriter(os.path.join(data_dir, name), 1000, overwrite=True) as writer:
         for sample in samples:
           writer.write(sample)
@@ -77,7 +79,7 @@ def make_data(demo, data_dir: str) -> None:
 def make_features(vlm_dir: str, data_dir: str, features_dir: str, splits, image_size: int) -> None:
   if not os.path.exists(os.path.join(vlm_dir, "config.json")):
     save_tiny_qwen(vlm_dir, seed=0)
-  todo = [s for s in splits if not os.path.exists(os.path.join(features_dir, s, "manifest.json"))]
+  todo = [s for s in splits if not is_complete(os.path.join(features_dir, s))]
   if todo:  # One process (one model load) for every store.
     run_module(
         "launch.precompute_vlm", f"--samples={','.join(os.path.join(data_dir, s) for s in todo)}",
@@ -155,14 +157,10 @@ def baselines(records_dir: str) -> dict[str, dict[str, float]]:
 def generate_images(config, models, params, vae_params, captions_dir, features_dir) -> np.ndarray:
   """(N, R, R, 3) uint8 images generated from the captions of a generation store."""
   reader, features = records.RecordReader(captions_dir), FeatureReader(features_dir)
-  text_len, hidden = config.data.text_len, config.dit.text_dim
-  text = np.zeros((len(reader), text_len, hidden), np.float32)
-  for i, sample_id in enumerate(reader.ids()):
-    states = features.get(sample_id)
-    text[i, : len(states)] = states
-  text_mask = (
-    np.arange(text_len)[None] < np.array([len(features.get(i)) for i in reader.ids()])[:, None]
-  )
+  padded = [
+    preprocess.pad_text(features.get(i), config.data.text_len, "float32", i) for i in reader.ids()
+  ]
+  text, text_mask = (np.stack(x) for x in zip(*padded, strict=True))
   generate = inference.generator(models, config, config.data.generation.resolution)
   images = generate(
     params, vae_params, jax.random.key(0), text, text_mask, config.generate.guidance_scale
@@ -226,6 +224,7 @@ def main(argv: list[str]) -> None:
   del argv
   log_filter.quiet_library_logs()
   config, workdir = _CONFIG.value, os.path.abspath(WORKDIR.value)
+  config_check.validate(config, "train")  # Its stores are made below: model and batch only.
   start = time.time()
   store = prepare(config, workdir)
 

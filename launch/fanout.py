@@ -22,6 +22,7 @@ import time
 from collections.abc import Callable, Sequence
 from typing import Any
 
+from genmask_jax.data import store
 from launch import commands
 
 # The flags the fan-out sets for each worker; the rest of the command line is passed through.
@@ -238,3 +239,24 @@ def run(
   ]
   if failures:
     raise SystemExit("\n".join(failures) + "\nre-run the same command to finish the missing shards")
+
+
+def run_store_workers(
+  workers: Sequence[Worker],
+  job: str,
+  log_dir: str,
+  kind: str,
+  layouts: dict[str, store.StoreLayout],
+) -> None:
+  """Runs the workers whose part of any of the `kind` stores (folder -> layout) is missing, as
+  `run` does, counting progress from the shards written; logs which stores are complete."""
+  from absl import logging
+
+  missing = {out: set(store.missing_workers(out, layout)) for out, layout in layouts.items()}
+  todo = [w for w in workers if any(w.index in m for m in missing.values())]
+  total = sum(layout.num_samples for layout in layouts.values())
+  done = lambda: sum(store.written_rows(out, kind, layout) for out, layout in layouts.items())
+  run(todo, job, log_dir, total, done)
+  for out in layouts:
+    state = "complete" if store.is_complete(out) else "other nodes' workers missing"
+    logging.info("%s: %s", out, state)

@@ -22,10 +22,12 @@ import numpy as np
 from absl import app, flags
 from PIL import Image
 
+from genmask_jax import config_check
 from genmask_jax.inference import queries, run
 from genmask_jax.runtime import fileio, log_filter
 from launch import queries as query_flags
 
+flags.adopt_module_key_flags(query_flags)  # --help lists the shared flags too.
 _PROMPT = flags.DEFINE_multi_string("prompt", [], "A caption; repeatable.")
 _STEPS = flags.DEFINE_integer("steps", None, "Euler steps; default config.generate.num_steps.")
 _SHIFT = flags.DEFINE_float("shift", None, "Schedule shift; default config.generate.shift.")
@@ -34,7 +36,10 @@ _GUIDANCE = flags.DEFINE_float(
 )
 _SEED = flags.DEFINE_integer("seed", 0, "Seed of the initial noise.")
 _RESOLUTION = flags.DEFINE_integer(
-  "resolution", None, "Image side, a multiple of 16; default config.data.generation.resolution."
+  "resolution",
+  None,
+  "Image side, a multiple of the VAE's stride x the DiT's patch (16 for WAN); default "
+  "config.data.generation.resolution.",
 )
 _COLUMNS = flags.DEFINE_integer("columns", 4, "Images per grid row.")
 _OUT = flags.DEFINE_string("out", None, "Output PNG file.", required=True)
@@ -55,9 +60,14 @@ def main(argv: list[str]) -> None:
   log_filter.quiet_library_logs()
   spec = query_flags.run_config(argv)
   config = spec.config
+  config_check.validate(config, "model")
   resolution = _RESOLUTION.value or config.data.generation.resolution
-  if resolution % 16:
-    raise app.UsageError(f"--resolution {resolution} is not a multiple of 16 (VAE x DiT patch)")
+  multiple = config_check.image_multiple(config)
+  if resolution % multiple:
+    raise app.UsageError(
+      f"--resolution {resolution} is not a multiple of {multiple} (the VAE's stride x the DiT's "
+      "patch)"
+    )
   if _COLUMNS.value < 1:
     raise app.UsageError(f"--columns must be positive, got {_COLUMNS.value}")
   if _STEPS.value is not None:

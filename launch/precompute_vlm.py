@@ -9,8 +9,8 @@ generation samples the caption alone (paper 2.3); the final-layer hidden states 
 tokens (genmask_jax/vlm/prompts.py) are stored as bf16/fp16 under the sample id. Several stores
 (--samples=a,b --out=fa,fb, in pairs) share one loaded model. Worker i of n encodes the i-th
 contiguous slice of each sample store in shards of --shard_size samples; re-running the same
-command skips finished shards, and whichever worker finishes a store last writes the manifest
-that makes it readable. The image policy (--image_resize, --max_pixels;
+command skips finished shards, and the store is readable once every worker has written its
+part (genmask_jax/data/store.py). The image policy (--image_resize, --max_pixels;
 genmask_jax/vlm/image_policy.py) is recorded in the store, and inference gives the VLM user
 images the same way. --reasoning first asks the VLM to rewrite each segmentation query into an
 explicit target description and encodes that.
@@ -30,16 +30,11 @@ from collections.abc import Sequence
 
 from absl import app, flags, logging
 
-from genmask_jax.data.features import (
-  MANIFEST_FILE,
-  FeatureError,
-  FeatureMeta,
-  FeatureReader,
-  FeatureWriter,
-  StoreLayout,
-)
+from genmask_jax.data import features, store
+from genmask_jax.data.features import FeatureMeta, FeatureReader, FeatureWriter
 from genmask_jax.data.records import RecordReader
-from genmask_jax.runtime import fileio, log_filter
+from genmask_jax.data.store import StoreLayout
+from genmask_jax.runtime import log_filter
 from genmask_jax.vlm import encode, image_policy, prompts
 from launch import fanout
 
@@ -95,7 +90,7 @@ def precompute(
 
 
 def precompute_store(model, processor, samples_dir: str, out_dir: str) -> None:
-  """This worker's share of one sample store; the manifest too if the store is then complete."""
+  """This worker's share of one sample store, and its part of the feature store."""
   samples = RecordReader(samples_dir)
   meta = FeatureMeta(
     model_id=_MODEL_ID.value or os.path.basename(os.path.normpath(_CHECKPOINT.value)),
@@ -117,61 +112,29 @@ def precompute_store(model, processor, samples_dir: str, out_dir: str) -> None:
   )
   if not done:
     logging.info(
-      "%s: worker %d done; other workers' shards are missing", out_dir, _WORKER_INDEX.value
+      "%s: worker %d done; other workers' parts are missing", out_dir, _WORKER_INDEX.value
     )
     return
-  if FeatureReader(out_dir).ids() != samples.ids():
-    raise FeatureError(f"{out_dir}: feature ids are not those of {samples_dir} in order")
+  store.check_aligned(FeatureReader(out_dir), samples)
   logging.info("%s: complete, %d samples", out_dir, len(samples))
-
-
-def shard_sizes(layout: StoreLayout) -> dict[int, dict[str, int]]:
-  """Per worker: the samples of each of its shard files, by file name."""
-  return {
-    w: {
-      layout.shard_name(w, s) + ".array_record": stop - start
-      for s, (start, stop) in enumerate(layout.shard_ranges(w))
-    }
-    for w in range(layout.num_workers)
-  }
 
 
 def fan_out() -> None:
   """Runs this node's workers, one per device of --gpus, over every store (launch/fanout.py)."""
   devices, num_workers, indices = fanout.plan(_FANOUT)
-  stores = {
-    out: shard_sizes(StoreLayout(len(RecordReader(s)), num_workers, _SHARD_SIZE.value))
+  layouts = {
+    out: StoreLayout(len(RecordReader(s)), num_workers, _SHARD_SIZE.value)
     for s, out in zip(_SAMPLES.value, _OUT.value, strict=True)
   }
-
-  def missing(w: int) -> bool:
-    return any(not set(shards[w]) <= set(fileio.listdir(out)) for out, shards in stores.items())
-
-  def done() -> int:
-    written = {out: set(fileio.listdir(out)) for out in stores}
-    return sum(
-      n
-      for out, shards in stores.items()
-      for files in shards.values()
-      for name, n in files.items()
-      if name in written[out]
-    )
-
-  todo = [(w, d) for w, d in zip(indices, devices, strict=True) if missing(w)]
-  if not todo and not all(fileio.exists(os.path.join(out, MANIFEST_FILE)) for out in stores):
-    todo = [(indices[0], devices[0])]  # Every shard is there: one worker writes the manifest.
   own = (*fanout.FANOUT_FLAGS, "device")
   argv = [sys.executable, "-m", "launch.precompute_vlm", *fanout.forwarded_argv(sys.argv[1:], own)]
-  workers = [fanout.Worker(w, num_workers, d, [*argv, f"--device={d.torch}"]) for w, d in todo]
-  total = sum(n for shards in stores.values() for files in shards.values() for n in files.values())
-  fanout.run(workers, "precompute_vlm", _FANOUT.worker_logs.value, total, done)
-  for out in stores:
-    state = (
-      "complete"
-      if fileio.exists(os.path.join(out, MANIFEST_FILE))
-      else "other nodes' shards missing"
-    )
-    logging.info("%s: %s", out, state)
+  workers = [
+    fanout.Worker(w, num_workers, d, [*argv, f"--device={d.torch}"])
+    for w, d in zip(indices, devices, strict=True)
+  ]
+  fanout.run_store_workers(
+    workers, "precompute_vlm", _FANOUT.worker_logs.value, features.KIND, layouts
+  )
 
 
 def main(argv: list[str]) -> None:

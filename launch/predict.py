@@ -26,12 +26,14 @@ import numpy as np
 from absl import app, flags
 from PIL import Image
 
+from genmask_jax import config_check
 from genmask_jax.data import records
 from genmask_jax.evaluation import report
 from genmask_jax.inference import queries, run
 from genmask_jax.runtime import fileio, log_filter
 from launch import queries as query_flags
 
+flags.adopt_module_key_flags(query_flags)  # --help lists the shared flags too.
 _IMAGE = flags.DEFINE_multi_string("image", [], "Image file (JPEG or PNG); repeatable.")
 _TEXT = flags.DEFINE_multi_string("text", [], "What to segment: one per --image or one for all.")
 _REASONING = flags.DEFINE_bool(
@@ -59,6 +61,7 @@ def _name(sample: records.Sample) -> str:
 def main(argv: list[str]) -> None:
   log_filter.quiet_library_logs()
   spec = query_flags.run_config(argv)
+  config_check.validate(spec.config, "model")
   samples = _command_line_records() + query_flags.store_records("segmentation")
   hidden = query_flags.text_features(spec, samples, _REASONING.value)
   resolution = spec.config.data.segmentation.resolution

@@ -23,17 +23,19 @@ An existing non-empty --output is refused unless --overwrite is given.
 
 from __future__ import annotations
 
-import argparse
 import collections
 import contextlib
 import os
+import sys
 from collections.abc import Iterable, Iterator
 
+from absl import flags
 from tqdm import tqdm
 
-from genmask_jax.data import records, synthetic
+from genmask_jax.data import records, store, synthetic
 from genmask_jax.data.sources import reasonseg, refcoco, semseg, text_image
 from genmask_jax.runtime import fileio
+from launch import commands
 
 
 def write_splits(
@@ -48,7 +50,7 @@ def write_splits(
   """Writes (split, sample) pairs to output/<split>/; returns the number of samples per split."""
   writers: dict[str, records.RecordWriter] = {}
   counts: collections.Counter[str] = collections.Counter()
-  # A failure leaves every store without meta.json, i.e. marked incomplete.
+  # A failure leaves every store unfinished (store.is_complete is False): a re-run redoes it.
   with contextlib.ExitStack() as stack:
     for split, sample in tqdm(samples, total=total, unit="sample", desc=output):
       if split not in writers:
@@ -189,102 +191,108 @@ def _synthetic(args) -> tuple[Iterable, int]:
   return samples, sum(counts.values())
 
 
-def _parser() -> argparse.ArgumentParser:
-  parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-  commands = parser.add_subparsers(dest="command", required=True)
+COMMANDS = {  # name: (what it converts, its converter)
+  "refcoco-refer": ("RefCOCO/+/g from the REFER files.", _refcoco),
+  "refcoco-json": ("RefCOCO/+/g from TFDS's manual refcoco.json.", _refcoco),
+  "refcoco-tfds": ("RefCOCO/+/g from a prepared TFDS ref_coco.", _refcoco_tfds),
+  "ade20k": ("ADE20K (ADEChallengeData2016) as binary masks.", _ade20k),
+  "cocostuff": ("COCO-Stuff (stuffthingmaps) as binary masks.", _cocostuff),
+  "pascal-part": ("PASCAL-Part (COCO-format JSON) as binary masks.", _pascal_part),
+  "reasonseg": ("ReasonSeg (<root>/<split>/*.jpg + *.json).", _reasonseg),
+  "text-image": ("Text-to-image pairs (generation samples).", _text_image),
+  "synthetic": ("The procedural shapes set (demo and tests).", _synthetic),
+}
 
-  def command(name, run, help_text):
-    sub = commands.add_parser(name, help=help_text)
-    sub.add_argument("--output", required=True, help="Writes one sample store per split here.")
-    sub.add_argument("--shard_size", type=int, default=1000, help="Records per shard file.")
-    sub.add_argument("--overwrite", action="store_true", help="Replace an existing --output.")
-    sub.set_defaults(run=run)
-    return sub
 
-  def text_field(sub):
-    sub.add_argument(
-      "--text_field",
-      choices=refcoco.TEXT_FIELDS,
-      default="sent",
-      help="REFER's normalized 'sent' (as LISA) or the original 'raw' sentence.",
+def command_flags(command: str) -> flags.FlagValues:
+  """The flags of one command, in a FlagValues of its own: flags of one name differ between
+  commands (and tests run main() again in one process)."""
+  values = flags.FlagValues()
+  define = commands.definers(values)
+  string, integer, enum, listed = define.string, define.integer, define.enum, define.list
+  string("output", None, "Writes one sample store per split here.", required=True)
+  integer("shard_size", 1000, "Records per shard file.")
+  define.bool("overwrite", help="Replace an existing --output.")
+  if command in ("refcoco-refer", "refcoco-json"):
+    if command == "refcoco-refer":
+      string("refer_dir", None, "Holds <dataset>/refs(<split_by>).p.", required=True)
+    else:
+      string("json", None, "TFDS's manual refcoco.json.", required=True)
+    enum("dataset", None, sorted(refcoco.SPLIT_BYS), "The data set.", required=True)
+    string("split_by", None, "unc, umd or google.", required=True)
+    if command == "refcoco-refer":
+      string("image_dir", None, "COCO train2014 images.", required=True)
+    else:
+      string("image_dir", None, "Default: coco_train2014/ beside the JSON file.")
+    enum(
+      "text_field",
+      "sent",
+      refcoco.TEXT_FIELDS,
+      "REFER's normalized 'sent' (as LISA) or the original 'raw' sentence.",
     )
+  elif command == "refcoco-tfds":
+    string("data_dir", None, "TFDS data folder.", required=True)
+    string("config", None, "refcoco_unc, refcocoplus_unc, ...", required=True)
+    listed("splits", ["train", "validation", "testA", "testB"], "TFDS split names.")
+  elif command == "ade20k":
+    string("root", None, "ADEChallengeData2016/ (objectInfo150.txt).", required=True)
+    listed("splits", list(semseg.ADE20K_SPLITS), "Splits to convert.")
+  elif command == "cocostuff":
+    string("image_dir", None, "COCO images of the split.", required=True)
+    string("label_dir", None, "stuffthingmaps label maps of the split.", required=True)
+    string("labels", None, "COCO-Stuff labels.txt ('N: name').", required=True)
+    string("split", "train2017", "The split's name in the store.")
+  elif command == "pascal-part":
+    string("json", None, "VLPart's COCO-format PASCAL-Part file.", required=True)
+    string("image_dir", None, "VOC2010 JPEGImages.", required=True)
+    string("split", "train", "The split's name in the store.")
+  elif command == "reasonseg":
+    string("root", None, "Holds the split folders.", required=True)
+    listed("splits", None, "Default: those of train, val, test that exist under --root.")
+    enum("texts", None, reasonseg.TEXTS, "Default: every query for train, the first else.")
+  elif command == "text-image":
+    string("folder", None, "Images with same-name .txt captions.")
+    string("jsonl", None, 'Lines of {"image": path, "caption": text}.')
+    flags.mark_flags_as_mutual_exclusive(["folder", "jsonl"], required=True, flag_values=values)
+    string("name", None, "Data set name, the sample id prefix.", required=True)
+  elif command == "synthetic":
+    integer("num_train", 4096, "Training scenes.")
+    integer("num_val", 256, "Validation scenes.")
+    integer("num_heldout", 256, "Held-out scenes (unseen color-kind pairs).")
+    integer("num_gen", 4096, "Captioned scenes for generation.")
+    integer("image_size", 64, "Image side.")
+    integer("seed", 0, "Seeds the scenes.")
+  if command in ("ade20k", "cocostuff", "pascal-part"):
+    integer("classes_per_image", 3, "Classes drawn per image, each one sample.")
+    integer("seed", 0, "Seeds the per-image class draw.")
+  return values
 
-  def semantic(sub):
-    sub.add_argument("--classes_per_image", type=int, default=3)
-    sub.add_argument("--seed", type=int, default=0, help="Seeds the per-image class draw.")
 
-  sub = command("refcoco-refer", _refcoco, "RefCOCO/+/g from the REFER files.")
-  sub.add_argument("--refer_dir", required=True, help="Holds <dataset>/refs(<split_by>).p.")
-  sub.add_argument("--dataset", choices=sorted(refcoco.SPLIT_BYS), required=True)
-  sub.add_argument("--split_by", required=True, help="unc, umd or google.")
-  sub.add_argument("--image_dir", required=True, help="COCO train2014 images.")
-  text_field(sub)
-
-  sub = command("refcoco-json", _refcoco, "RefCOCO/+/g from TFDS's manual refcoco.json.")
-  sub.add_argument("--json", required=True)
-  sub.add_argument("--dataset", choices=sorted(refcoco.SPLIT_BYS), required=True)
-  sub.add_argument("--split_by", required=True)
-  sub.add_argument("--image_dir", help="Default: coco_train2014/ beside the JSON file.")
-  text_field(sub)
-
-  sub = command("refcoco-tfds", _refcoco_tfds, "RefCOCO/+/g from a prepared TFDS ref_coco.")
-  sub.add_argument("--data_dir", required=True)
-  sub.add_argument("--config", required=True, help="refcoco_unc, refcocoplus_unc, ...")
-  sub.add_argument(
-    "--splits", nargs="+", default=["train", "validation", "testA", "testB"], help="TFDS names."
-  )
-
-  sub = command("ade20k", _ade20k, "ADE20K (ADEChallengeData2016) as binary masks.")
-  sub.add_argument("--root", required=True, help="ADEChallengeData2016/ (objectInfo150.txt).")
-  sub.add_argument("--splits", nargs="+", default=list(semseg.ADE20K_SPLITS))
-  semantic(sub)
-
-  sub = command("cocostuff", _cocostuff, "COCO-Stuff (stuffthingmaps) as binary masks.")
-  sub.add_argument("--image_dir", required=True)
-  sub.add_argument("--label_dir", required=True)
-  sub.add_argument("--labels", required=True, help="COCO-Stuff labels.txt ('N: name').")
-  sub.add_argument("--split", default="train2017")
-  semantic(sub)
-
-  sub = command("pascal-part", _pascal_part, "PASCAL-Part (COCO-format JSON) as binary masks.")
-  sub.add_argument("--json", required=True)
-  sub.add_argument("--image_dir", required=True)
-  sub.add_argument("--split", default="train")
-  semantic(sub)
-
-  sub = command("reasonseg", _reasonseg, "ReasonSeg (<root>/<split>/*.jpg + *.json).")
-  sub.add_argument("--root", required=True)
-  sub.add_argument(
-    "--splits", nargs="+", help="Default: those of train, val, test that exist under --root."
-  )
-  sub.add_argument(
-    "--texts", choices=reasonseg.TEXTS, help="Default: every query for train, the first else."
-  )
-
-  sub = command("text-image", _text_image, "Text-to-image pairs (generation samples).")
-  source = sub.add_mutually_exclusive_group(required=True)
-  source.add_argument("--folder", help="Images with same-name .txt captions.")
-  source.add_argument("--jsonl", help='Lines of {"image": path, "caption": text}.')
-  sub.add_argument("--name", required=True, help="Data set name, the sample id prefix.")
-
-  sub = command("synthetic", _synthetic, "The procedural shapes set (demo and tests).")
-  sub.add_argument("--num_train", type=int, default=4096)
-  sub.add_argument("--num_val", type=int, default=256)
-  sub.add_argument("--num_heldout", type=int, default=256)
-  sub.add_argument("--num_gen", type=int, default=4096)
-  sub.add_argument("--image_size", type=int, default=64)
-  sub.add_argument("--seed", type=int, default=0)
-  return parser
+def parse_flags(argv: list[str] | None = None) -> commands.Flags:
+  """The command and its flags; exits 2 naming a bad one."""
+  argv = sys.argv[1:] if argv is None else argv
+  command = argv[0] if argv else None
+  if command not in COMMANDS:
+    if {"--help", "-h"} & set(argv):
+      listed = "\n".join(f"  {name:14s} {text}" for name, (text, _) in COMMANDS.items())
+      print(f"{__doc__}\ncommands (`COMMAND --help`: its flags):\n{listed}")
+      raise SystemExit(0)
+    commands.usage_error(f"give a command first, one of {', '.join(COMMANDS)}")
+  values = command_flags(command)
+  rest = commands.parse(values, argv[1:], f"{command}: {COMMANDS[command][0]}")
+  if rest:
+    commands.usage_error(f"unexpected arguments {rest}")
+  return commands.Flags(command=command, **values.flag_values_dict(), run=COMMANDS[command][1])
 
 
 def main(argv: list[str] | None = None) -> dict[str, int]:
-  args = _parser().parse_args(argv)
-  complete = [
-    s
-    for s in fileio.listdir(args.output)
-    if fileio.exists(f"{args.output}/{s}/{records.META_FILE}")
-  ]
-  if complete and not args.overwrite:
+  args = parse_flags(argv)
+  complete = (
+    []
+    if args.overwrite
+    else [s for s in fileio.listdir(args.output) if store.is_complete(f"{args.output}/{s}")]
+  )
+  if complete:
     raise SystemExit(
       f"{args.output} holds finished stores ({', '.join(complete)}); pass --overwrite to replace"
     )

@@ -24,11 +24,12 @@ k*G .. k*G+G-1 of NODES*G. Shards are resumable, so --requeue (or resubmitting) 
 
 from __future__ import annotations
 
-import argparse
 import os
 import shlex
 import sys
 from collections.abc import Sequence
+
+from absl import flags
 
 from launch import commands, fanout
 
@@ -46,17 +47,47 @@ _DISTRIBUTED_FLAGS = (
   '--process_id="$SLURM_PROCID"'
 )
 
+# This launcher's own flags (not absl's global FLAGS): tests run main() again in one process,
+# beside other launchers with flags of the same names.
+FLAGS = flags.FlagValues()
+define = commands.definers(FLAGS)
+define.enum("job", "train", JOBS, "Train, or precompute as a job array.")
+define.string("job_name", "genmask", "Slurm job name.")
+define.integer("nodes", 1, "Nodes (train), or array tasks of one node each (precompute).")
+define.integer("gpus_per_node", 8, "GPUs of each node (task).")
+define.integer("cpus_per_task", None, "CPUs of each node's task (data loading).")
+define.string("partition", None, "Slurm partition.")
+define.string("account", None, "Slurm account.")
+define.string("time", None, "Wall-clock limit, e.g. 48:00:00; default: the partition's.")
+define.bool("requeue", help="Let Slurm requeue the job after preemption.")
+define.multi("sbatch_arg", help="More #SBATCH lines, e.g. --qos=high.")
+define.string("repo_dir", commands.PROJECT_ROOT, "Checkout on the shared file system.")
+define.string("venv", None, "Virtual environment activated before srun.")
+define.string("container_image", None, "Container for the tasks (pyxis srun --container-image).")
+define.string("container_mounts", None, "pyxis --container-mounts, e.g. /shared:/shared.")
+define.multi("prologue", help="Shell line run first, e.g. module load.")
+define.string("python", "python", "Interpreter inside the job's environment.")
+define.multi("env", help="NAME=VALUE exported (replaces a default).")
+define.integer("port", 12355, "jax.distributed coordinator port.")
+define.string("config", "configs/genmask.py", "Config file, relative to --repo_dir.")
+define.string("workdir", None, "Training: shared folder (or gs://) for checkpoints and metrics.")
+define.multi("config_overrides", help="KEY=VALUE config override.")
+define.string("log_dir", "slurm_logs", "Folder of the job logs and the script.")
+define.string("script", None, "Where to write the sbatch script; default: LOG_DIR/JOB_NAME.sbatch.")
+define.bool("tail", help="Follow the job's log after submitting.")
+define.bool("dry_run", help="Print the script and commands, run none.")
+
 
 def log_path(log_dir: str, job_name: str, job_id: str) -> str:
   """The job's log; sbatch's --output spells them %x and %j (%A_%a: an array's task)."""
   return os.path.join(log_dir, f"{job_name}-{job_id}.out")
 
 
-def is_array(args: argparse.Namespace) -> bool:
+def is_array(args: commands.Flags) -> bool:
   return args.job != "train"
 
 
-def precompute_command(args: argparse.Namespace) -> list[str]:
+def precompute_command(args: commands.Flags) -> list[str]:
   """The entry point that every array task runs on its node (--node_index added by the task)."""
   return [
     args.python,
@@ -69,7 +100,7 @@ def precompute_command(args: argparse.Namespace) -> list[str]:
   ]
 
 
-def srun_command(args: argparse.Namespace) -> list[str]:
+def srun_command(args: commands.Flags) -> list[str]:
   if is_array(args):
     # Each array task is its own one-node job.
     nodes, task = 1, f'{shlex.join(precompute_command(args))} --node_index="$SLURM_ARRAY_TASK_ID"'
@@ -85,7 +116,7 @@ def srun_command(args: argparse.Namespace) -> list[str]:
   return ["srun", *step, "bash", "-c", task]
 
 
-def sbatch_script(args: argparse.Namespace) -> str:
+def sbatch_script(args: commands.Flags) -> str:
   optional = {
     "time": args.time,
     "partition": args.partition,
@@ -120,7 +151,7 @@ def sbatch_script(args: argparse.Namespace) -> str:
   return "\n".join(lines) + "\n"
 
 
-def _coordinator_lines(args: argparse.Namespace) -> list[str]:
+def _coordinator_lines(args: commands.Flags) -> list[str]:
   return [
     "# jax.distributed: the first node of the allocation coordinates.",
     'NODES=($(scontrol show hostnames "$SLURM_JOB_NODELIST"))',
@@ -129,12 +160,12 @@ def _coordinator_lines(args: argparse.Namespace) -> list[str]:
   ]
 
 
-def _array_task_lines(args: argparse.Namespace) -> list[str]:
+def _array_task_lines(args: commands.Flags) -> list[str]:
   g, n = args.gpus_per_node, args.nodes
   return [f"# Task k of {n} runs workers k*{g} .. k*{g}+{g - 1} of {n * g}, one per GPU."]
 
 
-def submit(shell: commands.Shell, args: argparse.Namespace) -> None:
+def submit(shell: commands.Shell, args: commands.Flags) -> None:
   script = args.script or os.path.join(args.log_dir, f"{args.job_name}.sbatch")
   shell.makedirs(args.log_dir)  # sbatch does not create the log's folder; the job would die.
   shell.write(script, sbatch_script(args))
@@ -159,55 +190,26 @@ def submit(shell: commands.Shell, args: argparse.Namespace) -> None:
       shell.note(f"stopped following the log; job {job_id} keeps running (scancel {job_id})")
 
 
-def parse_flags(argv: Sequence[str] | None = None) -> argparse.Namespace:
+def parse_flags(argv: Sequence[str] | None = None) -> commands.Flags:
   """The launcher's flags; for a precompute job, what follows `--` goes to the entry point."""
   argv = list(sys.argv[1:] if argv is None else argv)
   entry_flags = argv[argv.index("--") + 1 :] if "--" in argv else []
   argv = argv[: argv.index("--")] if "--" in argv else argv
-  parser = argparse.ArgumentParser(
-    prog="python -m launch.slurm_gpu",
-    description=__doc__,
-    formatter_class=argparse.RawDescriptionHelpFormatter,
-  )
-  add = parser.add_argument
-  add("--job", choices=JOBS, default="train", help="Train, or precompute as a job array.")
-  add("--job_name", default="genmask")
-  add("--nodes", type=int, default=1)
-  add("--gpus_per_node", type=int, default=8)
-  add("--cpus_per_task", type=int, help="CPUs of each node's task (data loading).")
-  add("--partition")
-  add("--account")
-  add("--time", help="Wall-clock limit, e.g. 48:00:00; default: the partition's.")
-  add("--requeue", action="store_true", help="Let Slurm requeue the job after preemption.")
-  add("--sbatch_arg", action="append", default=[], help="More #SBATCH lines, e.g. --qos=high.")
-  add("--repo_dir", default=commands.PROJECT_ROOT, help="Checkout on the shared file system.")
-  add("--venv", help="Virtual environment activated before srun.")
-  add("--container_image", help="Container for the tasks (pyxis srun --container-image).")
-  add("--container_mounts", help="pyxis --container-mounts, e.g. /shared:/shared.")
-  add("--prologue", action="append", default=[], help="Shell line run first, e.g. module load.")
-  add("--python", default="python", help="Interpreter inside the job's environment.")
-  add("--env", action="append", default=[], help="NAME=VALUE exported (replaces a default).")
-  add("--port", type=int, default=12355, help="jax.distributed coordinator port.")
-  add("--config", default="configs/genmask.py", help="Config file, relative to --repo_dir.")
-  add("--workdir", help="Training: shared folder (or gs://) for checkpoints and metrics.")
-  add("--config_overrides", action="append", default=[], help="KEY=VALUE config override.")
-  add("--log_dir", default="slurm_logs", help="Folder of the job logs and the script.")
-  add("--script", help="Where to write the sbatch script; default: LOG_DIR/JOB_NAME.sbatch.")
-  add("--tail", action="store_true", help="Follow the job's log after submitting.")
-  add("--dry_run", action="store_true", help="Print the script and commands, run none.")
-  args = parser.parse_args(argv)
-  args.entry_flags = entry_flags
+  rest = commands.parse(FLAGS, argv, __doc__)
+  if rest:
+    commands.usage_error(f"unexpected arguments {rest}; the entry point's flags go after --")
+  args = commands.Flags(entry_flags=entry_flags, **FLAGS.flag_values_dict())
   if args.nodes < 1 or args.gpus_per_node < 1:
-    parser.error("--nodes and --gpus_per_node must be at least 1")
+    commands.usage_error("--nodes and --gpus_per_node must be at least 1")
   if args.job == "train" and (entry_flags or not args.workdir):
-    parser.error("--job=train takes --workdir and --config_overrides, no flags after --")
+    commands.usage_error("--job=train takes --workdir and --config_overrides, no flags after --")
   if is_array(args) and fanout.forwarded_argv(entry_flags) != entry_flags:
-    parser.error(f"the job array sets --{', --'.join(fanout.FANOUT_FLAGS)} itself")
+    commands.usage_error(f"the job array sets --{', --'.join(fanout.FANOUT_FLAGS)} itself")
   try:
     commands.train_command(args.python, args.config, args.workdir or "", args.config_overrides)
     commands.assignments(args.env, "--env", commands.ENV_NAME)
   except ValueError as e:
-    parser.error(str(e))
+    commands.usage_error(str(e))
   # The job starts in the submission folder but cds to the checkout: pin paths down now.
   args.log_dir = os.path.abspath(args.log_dir)
   args.repo_dir = os.path.abspath(args.repo_dir)

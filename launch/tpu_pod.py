@@ -22,12 +22,14 @@ also mounts that bucket read-only with gcsfuse at --mount_point on every worker.
 
 from __future__ import annotations
 
-import argparse
 import os
 import shlex
+import sys
 import tempfile
 import time
 from collections.abc import Sequence
+
+from absl import flags
 
 from launch import commands
 
@@ -68,13 +70,65 @@ GCSFUSE_APT = (  # Google's apt repository for gcsfuse, as its install guide set
   " && sudo apt-get -o DPkg::Lock::Timeout=600 install -y -qq gcsfuse"
 )
 
+# This launcher's own flags (not absl's global FLAGS): tests run main() again in one process,
+# beside other launchers with flags of the same names.
+FLAGS = flags.FlagValues()
+define = commands.definers(FLAGS)
+define.string("name", None, "TPU (and queued resource) name.", required=True)
+define.string("zone", None, "Zone of the TPU.", required=True)
+define.string("project", None, "Google Cloud project; default: gcloud's configured project.")
+define.string("accelerator_type", None, "e.g. v5p-64, v5litepod-16, v6e-32, v4-32 (run, create).")
+define.string("runtime_version", None, "TPU software version; default: by accelerator family.")
+define.bool("queued", help="Request a queued resource and wait for it.")
+define.bool("spot", help="Spot capacity (cheaper, can be preempted).")
+define.float("poll_seconds", 60, "Interval of queued-resource polling and of supervise's checks.")
+define.string(
+  "source_dir",
+  None,
+  f"Local checkout to upload; default (without --repo): {commands.PROJECT_ROOT}.",
+)
+define.multi("exclude", help="More tar --exclude patterns for uploads.")
+define.string("repo", None, "Git URL the workers clone instead of an upload.")
+define.string("ref", None, "Branch, tag or commit of --repo to check out.")
+define.string(
+  "requirements",
+  "requirements-train.txt",
+  "Requirements file in the checkout (the training side only: no PyTorch).",
+)
+define.string("python_version", "3.11", "Python of the workers' virtual environment.")
+define.string("config", "configs/genmask.py", "Config file, relative to the checkout.")
+define.string("workdir", None, "gs:// folder for checkpoints and metrics, shared by all workers.")
+define.multi("config_overrides", help="KEY=VALUE config override.")
+define.multi("env", help="NAME=VALUE exported before training.")
+define.string("log_dir", None, "Local folder for per-worker logs N.log instead of the console.")
+define.string("worker", "0", "Worker(s) whose log `logs` follows: 0, 1-3 or all.")
+define.bool("detach", help="train: start training and return at once.")
+define.bool("keep", help="run, supervise: do not delete the TPU at the end.")
+define.integer("max_restarts", 10, "supervise: slice rebuilds before giving up.")
+define.float("backoff_seconds", 60, "supervise: wait before a rebuild.")
+define.float("max_backoff_seconds", 1800, "supervise: the doubling's cap.")
+define.float(
+  "stall_minutes", 60, "supervise: rebuild when no new step was logged for this long (0: never)."
+)
+define.string(
+  "mount_bucket", None, "install: gcsfuse-mount this data bucket read-only on every worker."
+)
+define.string("mount_point", "/tmp/gcsfuse", "Where --mount_bucket is mounted.")
+define.string(
+  "mount_cache_dir", None, "gcsfuse file cache folder on the workers (default: no cache)."
+)
+define.bool(
+  "allow_local_workdir", help="Tests only: a local --workdir, which a real pod cannot share."
+)
+define.bool("dry_run", help="Print the commands, run none.")
 
-def _gcloud(args: argparse.Namespace, group: str, verb: str, *rest: str) -> list[str]:
+
+def _gcloud(args: commands.Flags, group: str, verb: str, *rest: str) -> list[str]:
   where = [f"--zone={args.zone}"] + ([f"--project={args.project}"] if args.project else [])
   return ["gcloud", "compute", "tpus", group, verb, *rest, *where]
 
 
-def runtime_version(args: argparse.Namespace) -> str:
+def runtime_version(args: commands.Flags) -> str:
   if args.runtime_version:
     return args.runtime_version
   family = args.accelerator_type.rpartition("-")[0]
@@ -86,7 +140,7 @@ def runtime_version(args: argparse.Namespace) -> str:
   return RUNTIME_VERSIONS[family]
 
 
-def create_command(args: argparse.Namespace) -> list[str]:
+def create_command(args: commands.Flags) -> list[str]:
   spot = ["--spot"] if args.spot else []
   accelerator = f"--accelerator-type={args.accelerator_type}"
   if args.queued:
@@ -105,18 +159,18 @@ def create_command(args: argparse.Namespace) -> list[str]:
   )
 
 
-def describe_command(args: argparse.Namespace) -> list[str]:
+def describe_command(args: commands.Flags) -> list[str]:
   return _gcloud(args, "queued-resources", "describe", args.name, "--format=value(state.state)")
 
 
-def delete_command(args: argparse.Namespace) -> list[str]:
+def delete_command(args: commands.Flags) -> list[str]:
   if args.queued:  # --force deletes the node too.
     return _gcloud(args, "queued-resources", "delete", args.name, "--force", "--quiet")
   return _gcloud(args, "tpu-vm", "delete", args.name, "--quiet")
 
 
 def ssh_command(
-  args: argparse.Namespace, worker: str, remote: str, log_dir: str | None = None
+  args: commands.Flags, worker: str, remote: str, log_dir: str | None = None
 ) -> list[str]:
   """`remote` runs in the worker's login shell; with log_dir, worker N's output goes to N.log."""
   logs = [f"--output-directory={log_dir}"] if log_dir else []
@@ -129,11 +183,11 @@ def _and(*steps: Sequence[str]) -> str:
   return " && ".join(shlex.join(step) for step in steps)
 
 
-def local_tarball(args: argparse.Namespace) -> str:
+def local_tarball(args: commands.Flags) -> str:
   return os.path.join(tempfile.gettempdir(), f"{args.name}-{REMOTE_TARBALL}")
 
 
-def upload_commands(args: argparse.Namespace) -> list[list[str]]:
+def upload_commands(args: commands.Flags) -> list[list[str]]:
   """Packs --source_dir and copies it to every worker; nothing to do for --repo."""
   if args.repo:
     return []
@@ -145,7 +199,7 @@ def upload_commands(args: argparse.Namespace) -> list[list[str]]:
   ]
 
 
-def install_command(args: argparse.Namespace) -> list[str]:
+def install_command(args: commands.Flags) -> list[str]:
   if args.repo:
     checkout = [["git", "-C", REMOTE_DIR, "checkout", "--quiet", args.ref]] if args.ref else []
     source = [["git", "clone", "--quiet", args.repo, REMOTE_DIR], *checkout]
@@ -163,7 +217,7 @@ def install_command(args: argparse.Namespace) -> list[str]:
   return ssh_command(args, "all", remote)
 
 
-def mount_command(args: argparse.Namespace) -> list[str]:
+def mount_command(args: commands.Flags) -> list[str]:
   """Installs gcsfuse (unless present) and mounts --mount_bucket read-only on every worker."""
   point = shlex.quote(args.mount_point)
   cache = []
@@ -177,7 +231,7 @@ def mount_command(args: argparse.Namespace) -> list[str]:
   return ssh_command(args, "all", remote)
 
 
-def train_command(args: argparse.Namespace) -> list[str]:
+def train_command(args: commands.Flags) -> list[str]:
   env = commands.assignments(args.env, "--env", commands.ENV_NAME)
   setup = _and(["cd", REMOTE_DIR], *(["export", f"{k}={v}"] for k, v in env))
   train = shlex.join(
@@ -191,12 +245,12 @@ def train_command(args: argparse.Namespace) -> list[str]:
   return ssh_command(args, "all", remote, args.log_dir)
 
 
-def logs_command(args: argparse.Namespace) -> list[str]:
+def logs_command(args: commands.Flags) -> list[str]:
   follow = shlex.join(["tail", "-n", "+1", "-F", REMOTE_LOG])
   return ssh_command(args, args.worker, follow, args.log_dir)
 
 
-def _wait_until_ready(shell: commands.Shell, args: argparse.Namespace) -> None:
+def _wait_until_ready(shell: commands.Shell, args: commands.Flags) -> None:
   """A TPU VM is ready when `create` returns; a queued resource when it turns ACTIVE."""
   if not args.queued:
     return
@@ -211,12 +265,12 @@ def _wait_until_ready(shell: commands.Shell, args: argparse.Namespace) -> None:
     time.sleep(args.poll_seconds)
 
 
-def _create(shell: commands.Shell, args: argparse.Namespace) -> None:
+def _create(shell: commands.Shell, args: commands.Flags) -> None:
   shell.run(create_command(args))
   _wait_until_ready(shell, args)
 
 
-def _install(shell: commands.Shell, args: argparse.Namespace) -> None:
+def _install(shell: commands.Shell, args: commands.Flags) -> None:
   for cmd in upload_commands(args):
     shell.run(cmd)
   shell.run(install_command(args))
@@ -224,13 +278,13 @@ def _install(shell: commands.Shell, args: argparse.Namespace) -> None:
     shell.run(mount_command(args))
 
 
-def _with_log_dir(shell: commands.Shell, args: argparse.Namespace, cmd: list[str]) -> None:
+def _with_log_dir(shell: commands.Shell, args: commands.Flags, cmd: list[str]) -> None:
   if args.log_dir:  # gcloud requires the folder to exist.
     shell.makedirs(args.log_dir)
   shell.run(cmd)
 
 
-def _run(shell: commands.Shell, args: argparse.Namespace) -> None:
+def _run(shell: commands.Shell, args: commands.Flags) -> None:
   shell.run(create_command(args))
   try:  # From here on the TPU exists: delete it whatever happens, unless told to keep it.
     _wait_until_ready(shell, args)
@@ -243,94 +297,42 @@ def _run(shell: commands.Shell, args: argparse.Namespace) -> None:
       shell.run(delete_command(args))
 
 
-def parse_flags(argv: Sequence[str] | None = None) -> argparse.Namespace:
-  parser = argparse.ArgumentParser(
-    prog="python -m launch.tpu_pod",
-    description=__doc__,
-    formatter_class=argparse.RawDescriptionHelpFormatter,
-  )
-  add = parser.add_argument
-  add("action", choices=ACTIONS)
-  add("--name", required=True, help="TPU (and queued resource) name.")
-  add("--zone", required=True)
-  add("--project", help="Google Cloud project; default: gcloud's configured project.")
-  add("--accelerator_type", help="e.g. v5p-64, v5litepod-16, v6e-32, v4-32 (run, create).")
-  add("--runtime_version", help="TPU software version; default: by accelerator family.")
-  add("--queued", action="store_true", help="Request a queued resource and wait for it.")
-  add("--spot", action="store_true", help="Spot capacity (cheaper, can be preempted).")
-  add(
-    "--poll_seconds",
-    type=float,
-    default=60,
-    help="Interval of queued-resource polling and of supervise's checks.",
-  )
-  add(
-    "--source_dir",
-    help=f"Local checkout to upload; default (without --repo): {commands.PROJECT_ROOT}.",
-  )
-  add("--exclude", action="append", default=[], help="More tar --exclude patterns for uploads.")
-  add("--repo", help="Git URL the workers clone instead of an upload.")
-  add("--ref", help="Branch, tag or commit of --repo to check out.")
-  add(
-    "--requirements",
-    default="requirements-train.txt",
-    help="Requirements file in the checkout (the training side only: no PyTorch).",
-  )
-  add("--python_version", default="3.11", help="Python of the workers' virtual environment.")
-  add("--config", default="configs/genmask.py", help="Config file, relative to the checkout.")
-  add("--workdir", help="gs:// folder for checkpoints and metrics, shared by all workers.")
-  add("--config_overrides", action="append", default=[], help="KEY=VALUE config override.")
-  add("--env", action="append", default=[], help="NAME=VALUE exported before training.")
-  add("--log_dir", help="Local folder for per-worker logs N.log instead of the console.")
-  add("--worker", default="0", help="Worker(s) whose log `logs` follows: 0, 1-3 or all.")
-  add("--detach", action="store_true", help="train: start training and return at once.")
-  add("--keep", action="store_true", help="run, supervise: do not delete the TPU at the end.")
-  add("--max_restarts", type=int, default=10, help="supervise: slice rebuilds before giving up.")
-  add("--backoff_seconds", type=float, default=60, help="supervise: wait before a rebuild.")
-  add("--max_backoff_seconds", type=float, default=1800, help="supervise: the doubling's cap.")
-  add(
-    "--stall_minutes",
-    type=float,
-    default=60,
-    help="supervise: rebuild when no new step was logged for this long (0: never).",
-  )
-  add("--mount_bucket", help="install: gcsfuse-mount this data bucket read-only on every worker.")
-  add("--mount_point", default="/tmp/gcsfuse", help="Where --mount_bucket is mounted.")
-  add("--mount_cache_dir", help="gcsfuse file cache folder on the workers (default: no cache).")
-  # Tests only: a local work directory, which workers of a real pod could not share.
-  add("--allow_local_workdir", action="store_true", help=argparse.SUPPRESS)
-  add("--dry_run", action="store_true", help="Print the commands, run none.")
-  args = parser.parse_args(argv)
-
+def parse_flags(argv: Sequence[str] | None = None) -> commands.Flags:
+  """The action and the flags of `argv` (default: the command line); exits 2 naming a bad one."""
+  rest = commands.parse(FLAGS, sys.argv[1:] if argv is None else argv, __doc__)
+  args = commands.Flags(action=rest[0] if len(rest) == 1 else None, **FLAGS.flag_values_dict())
+  error = commands.usage_error
   action = args.action
+  if action not in ACTIONS:
+    error(f"give one action of {', '.join(ACTIONS)} (got {' '.join(rest) or 'none'})")
   if action in ("run", "supervise", "create") and not args.accelerator_type:
-    parser.error(f"{action} needs --accelerator_type")
+    error(f"{action} needs --accelerator_type")
   if action in ("run", "supervise", "train", "status") and not args.workdir:
-    parser.error(f"{action} needs --workdir")
+    error(f"{action} needs --workdir")
   if action in ("run", "supervise", "train") and not args.workdir.startswith("gs://"):
     if not args.allow_local_workdir:
-      parser.error(f"{action} needs --workdir=gs://...: every worker reads and writes it")
+      error(f"{action} needs --workdir=gs://...: every worker reads and writes it")
   if args.mount_bucket:
     args.mount_bucket = args.mount_bucket.removeprefix("gs://").strip("/")
     if not args.mount_bucket or "/" in args.mount_bucket:
-      parser.error("--mount_bucket: a bucket name (gs://NAME), not a folder in it")
+      error("--mount_bucket: a bucket name (gs://NAME), not a folder in it")
   if args.repo and args.source_dir:
-    parser.error("give --repo or --source_dir, not both")
+    error("give --repo or --source_dir, not both")
   if args.ref and not args.repo:
-    parser.error("--ref needs --repo")
+    error("--ref needs --repo")
   if action == "run" and args.detach and not args.keep:
-    parser.error("run --detach would delete the TPU while it trains: add --keep")
+    error("run --detach would delete the TPU while it trains: add --keep")
   if not args.repo:
     args.source_dir = args.source_dir or commands.PROJECT_ROOT
     if not os.path.isdir(args.source_dir):
-      parser.error(f"--source_dir={args.source_dir} is not a folder")
+      error(f"--source_dir={args.source_dir} is not a folder")
   try:
     commands.assignments(args.config_overrides, "--config_overrides", commands.CONFIG_KEY)
     commands.assignments(args.env, "--env", commands.ENV_NAME)
     if args.accelerator_type:
       runtime_version(args)
   except ValueError as e:
-    parser.error(str(e))
+    error(str(e))
   return args
 
 

@@ -19,7 +19,6 @@ exit status next to its log (~/genmask-jax-train.{pid,exit}), which the probe re
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import shlex
@@ -48,7 +47,7 @@ def state_path(workdir: str) -> str:
   return os.path.join(workdir, STATE_FILE)
 
 
-def start_command(args: argparse.Namespace) -> list[str]:
+def start_command(args: commands.Flags) -> list[str]:
   """Starts training detached on every worker; the worker keeps its pid and exit status."""
   env = commands.assignments(args.env, "--env", commands.ENV_NAME)
   setup = tpu_pod._and(["cd", tpu_pod.REMOTE_DIR], *(["export", f"{k}={v}"] for k, v in env))
@@ -65,7 +64,7 @@ def start_command(args: argparse.Namespace) -> list[str]:
   return tpu_pod.ssh_command(args, "all", remote)
 
 
-def probe_command(args: argparse.Namespace) -> list[str]:
+def probe_command(args: commands.Flags) -> list[str]:
   """Each worker prints one line: its training is `running`, `exited N`, or `absent`."""
   pid, status = REMOTE_PID, REMOTE_EXIT
   remote = (
@@ -76,7 +75,7 @@ def probe_command(args: argparse.Namespace) -> list[str]:
   return tpu_pod.ssh_command(args, "all", remote)
 
 
-def slice_state_command(args: argparse.Namespace) -> list[str]:
+def slice_state_command(args: commands.Flags) -> list[str]:
   if args.queued:
     return tpu_pod.describe_command(args)
   return tpu_pod._gcloud(args, "tpu-vm", "describe", args.name, "--format=value(state)")
@@ -119,7 +118,7 @@ def is_finished(progress: dict) -> bool:
 class Supervisor:
   """One run's supervision; every decision it takes is recorded in supervisor.json first."""
 
-  def __init__(self, shell: commands.Shell, args: argparse.Namespace):
+  def __init__(self, shell: commands.Shell, args: commands.Flags):
     self.shell, self.args = shell, args
     self.path = state_path(args.workdir)
     self.bad_probes = 0
@@ -323,7 +322,7 @@ def _pid_alive(pid: int) -> bool:
   return True
 
 
-def dry_run(shell: commands.Shell, args: argparse.Namespace) -> None:
+def dry_run(shell: commands.Shell, args: commands.Flags) -> None:
   """Prints the commands of one supervision cycle."""
   workdir = args.workdir
   shell.note(f"state: {state_path(workdir)}; progress: {workdir}/checkpoints, metrics.jsonl")
@@ -347,7 +346,7 @@ def dry_run(shell: commands.Shell, args: argparse.Namespace) -> None:
     shell.run(tpu_pod.delete_command(args))
 
 
-def supervise(shell: commands.Shell, args: argparse.Namespace) -> None:
+def supervise(shell: commands.Shell, args: commands.Flags) -> None:
   if shell.dry_run:
     dry_run(shell, args)
     return
@@ -373,7 +372,7 @@ def _ago(t: float | None) -> str:
   )
 
 
-def status(shell: commands.Shell, args: argparse.Namespace) -> None:
+def status(shell: commands.Shell, args: commands.Flags) -> None:
   """Prints the slice state, progress, restarts and ETA of the run in --workdir."""
   path = state_path(args.workdir)
   if shell.dry_run:

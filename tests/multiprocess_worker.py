@@ -7,7 +7,6 @@ import sys
 
 import jax
 import train_config
-from training_data import SlicedBatches
 
 from genmask_jax.runtime import distributed
 from genmask_jax.training import train
@@ -20,8 +19,9 @@ def main(root: str, workdir: str, num_processes: int, process_id: int, port: int
   config = train_config.get_config(root)
   config.total_steps = 4
   config.mesh = dict(data=2, fsdp=4, tensor=1)
-  batches = SlicedBatches(0, 16, jax.process_index(), jax.process_count())
-  train.train(config, workdir, batches)
+  # The real pipeline: each process reads its half of the same global batches.
+  config.data.segmentation.global_batch_size = config.data.generation.global_batch_size = 16
+  train.train(config, workdir)
 
 
 if __name__ == "__main__":

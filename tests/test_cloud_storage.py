@@ -18,7 +18,7 @@ from test_train import final_params
 from train_config import get_config
 from training_data import IMAGE_SIZE, make_stores
 
-from genmask_jax.data import latents, pipeline, records
+from genmask_jax.data import encode_latents, latents, pipeline, records
 from genmask_jax.data.features import FeatureError, FeatureReader
 from genmask_jax.runtime import fileio
 from genmask_jax.training.metric_writer import MetricWriter
@@ -59,7 +59,7 @@ def test_listings_see_objects_written_by_other_processes(gcs, bucket):
   listing cache is off (with it, Orbax restored a stale step)."""
   fileio.write_text(f"{bucket}/run/1", "")
   assert fileio.listdir(f"{bucket}/run") == ["1"]
-  script = f"from genmask_jax import fileio; fileio.write_text('{bucket}/run/2', '')"
+  script = f"from genmask_jax.runtime import fileio; fileio.write_text('{bucket}/run/2', '')"
   subprocess.run([sys.executable, "-c", script], env=dict(ENV, **gcs.env), check=True)
   assert fileio.listdir(f"{bucket}/run") == ["1", "2"]
 
@@ -125,7 +125,7 @@ def test_client_library_and_credentials_errors_name_the_path(gcs):
   """Without gcsfs, or without credentials, a gs:// path fails with what to install or set."""
   script = (
     "import sys; sys.modules['gcsfs'] = None\n"
-    "from genmask_jax import fileio\n"
+    "from genmask_jax.runtime import fileio\n"
     "fileio.read_text('gs://some-bucket/run/x.json')\n"
   )
   env = {k: v for k, v in ENV.items() if k not in gcs.env}
@@ -134,7 +134,7 @@ def test_client_library_and_credentials_errors_name_the_path(gcs):
     result.stderr
   )
   assert "pip install -r requirements-train.txt" in result.stderr
-  script = "from genmask_jax import fileio\nfileio.exists('gs://some-bucket/run/x.json')\n"
+  script = "from genmask_jax.runtime import fileio\nfileio.exists('gs://some-bucket/run/x.json')\n"
   env = dict(
     env, FSSPEC_GCS_TOKEN="google_default", GOOGLE_APPLICATION_CREDENTIALS="/nonexistent.json"
   )
@@ -202,12 +202,12 @@ def test_latent_stores_written_to_and_read_from_gcs(root, bucket, tmp_path):
   kwargs = dict(vae="v", resolution=IMAGE_SIZE, num_workers=2, batch_size=8)
   out = {"local": str(tmp_path / "latents"), "remote": f"{bucket}/latents"}
   # An interrupted run (one worker of two) reads as incomplete, never as a shorter store.
-  assert not latents.encode_store(pooled, store, out["remote"], worker_index=1, **kwargs)
+  assert not encode_latents.encode_store(pooled, store, out["remote"], worker_index=1, **kwargs)
   with pytest.raises(latents.LatentError, match=r"incomplete, workers \[0\] of 2"):
     latents.LatentReader(out["remote"])
-  assert latents.encode_store(pooled, store, out["remote"], worker_index=0, **kwargs)
+  assert encode_latents.encode_store(pooled, store, out["remote"], worker_index=0, **kwargs)
   for w in (0, 1):
-    latents.encode_store(pooled, store, out["local"], worker_index=w, **kwargs)
+    encode_latents.encode_store(pooled, store, out["local"], worker_index=w, **kwargs)
   local, remote = latents.LatentReader(out["local"]), latents.LatentReader(out["remote"])
   assert remote.ids() == local.ids()
   for i in range(len(local)):
@@ -227,11 +227,11 @@ def test_interrupted_sample_and_feature_writes_read_as_incomplete(root, bucket):
     records.RecordReader(f"{bucket}/crashed")
   features = os.path.join(root, "segmentation_features")
   remote = f"{bucket}/features"
-  for name in os.listdir(features):  # Every shard uploaded, but not the manifest.
-    if name != "manifest.json":
+  for name in os.listdir(features):  # Every shard uploaded, but not the workers' parts.
+    if not name.startswith("part-"):
       with open(os.path.join(features, name), "rb") as f:
         fileio.write_bytes(f"{remote}/{name}", f.read())
-  with pytest.raises(FeatureError, match="no manifest.json, the store is incomplete"):
+  with pytest.raises(FeatureError, match=r"incomplete, workers \[0\] of 1"):
     FeatureReader(remote)
 
 

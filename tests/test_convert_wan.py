@@ -10,8 +10,11 @@ from jax.sharding import NamedSharding, PartitionSpec
 from safetensors.numpy import save_file
 from test_dit import setup
 
+from configs.models import wan_dit, wan_vae
 from genmask_jax.conversion import weights
 from genmask_jax.conversion.dit import convert_dit_file
+from genmask_jax.conversion.tensor_files import CheckpointError
+from genmask_jax.conversion.vae import vae_params_from_tensors
 
 
 def run_convert(*args):
@@ -55,3 +58,30 @@ def test_convert_and_restore_sharded(tmp_path):
 def test_restore_missing_checkpoint(tmp_path):
   with pytest.raises(FileNotFoundError, match="no converted 'vae' checkpoint"):
     weights.restore(str(tmp_path), "vae", {})
+
+
+def test_a_checkpoint_of_another_size_is_summarized_before_the_key_lists(tmp_path):
+  _, _, state = setup()  # The tiny preset, in the diffusers layout.
+  source = str(tmp_path / "tiny.safetensors")
+  save_file(state, source)
+  with pytest.raises(CheckpointError) as info:
+    convert_dit_file(source, wan_dit("small"))
+  summary, keys = str(info.value).split("\n")
+  assert summary == (
+    f"{source}: checkpoint: num_layers 2, dim 64, ffn_dim 96, text_dim 32; "
+    "config: num_layers 4, dim 128, ffn_dim 256, text_dim 64"
+  )
+  assert keys.startswith("missing keys (")
+
+
+def test_a_vae_checkpoint_of_another_size_is_summarized_before_the_key_lists():
+  tensors = {  # A WAN-2.1 VAE's first layers (base_dim 96, 16 latent channels), nothing more.
+    "encoder.conv1.weight": np.zeros((96, 3, 3, 3, 3), np.float32),
+    "conv1.weight": np.zeros((32, 32, 1, 1, 1), np.float32),
+  }
+  with pytest.raises(CheckpointError) as info:
+    vae_params_from_tensors(tensors, wan_vae("tiny"), "wan_vae.pth")
+  assert str(info.value).split("\n")[0] == (
+    "wan_vae.pth: checkpoint: base_dim 96, z_dim 16, 0 encoder blocks; config: base_dim 8, "
+    "z_dim 16, 11 encoder blocks (dim_mult (1, 2, 4, 4), num_res_blocks 2)"
+  )

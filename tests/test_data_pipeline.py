@@ -9,7 +9,8 @@ import grain
 import numpy as np
 import pytest
 
-from genmask_jax.data import pipeline, records, synthetic
+from configs import data
+from genmask_jax.data import pipeline, preprocess, records, synthetic
 from genmask_jax.data.features import (
   FeatureError,
   FeatureItem,
@@ -84,17 +85,17 @@ def stores(tmp_path_factory):
 
 
 def _config(stores, **overrides):
-  cfg = pipeline.default_config()
+  cfg = data.default_config()
   cfg.encoder_model_id = MODEL
   cfg.text_len = TEXT_LEN
   cfg.num_threads = 2
   cfg.prefetch_buffer_size = 4
   cfg.segmentation.sources = [{"records": stores["seg"], "features": stores["seg_features"]}]
   cfg.segmentation.resolution = 32
-  cfg.segmentation.batch_size = 3
+  cfg.segmentation.global_batch_size = 3
   cfg.generation.sources = [{"records": stores["gen"], "features": stores["gen_features"]}]
   cfg.generation.resolution = 24
-  cfg.generation.batch_size = 3
+  cfg.generation.global_batch_size = 3
   cfg.update(overrides)
   return cfg
 
@@ -128,7 +129,7 @@ def test_steps_mix_tasks_one_to_one_and_join_features(stores):
       assert (batch["text"][b, :length, 1] == 0.5).all() and (batch["text"][b, length:] == 0).all()
   for b in range(3):  # The image and mask are those of the sample the features belong to.
     sample = seg_reader[int(seg["text"][b, 0, 0])]
-    example = pipeline.preprocess(
+    example = preprocess.example(
       {"sample": sample, "hidden": np.zeros((1, HIDDEN))},
       resolution=32,
       text_len=TEXT_LEN,
@@ -142,7 +143,7 @@ def test_steps_mix_tasks_one_to_one_and_join_features(stores):
 def test_resize_pad_and_undo():
   (sample,) = _seg_samples(1)  # 36 x 18: taller than wide.
   hidden = np.ones((3, HIDDEN), np.float32)
-  example = pipeline.preprocess(
+  example = preprocess.example(
     {"sample": sample, "hidden": hidden}, resolution=32, text_len=5, text_dtype="bfloat16"
   )
   assert tuple(example["size"]) == (36, 18) and tuple(example["resized_size"]) == (32, 16)
@@ -182,14 +183,54 @@ def test_resuming_from_a_saved_state_gives_the_same_batches(stores):
   assert [int(i) for s in other for i in s["segmentation"]["text"][:, 0, 0]] != order[:12]
 
 
-def test_process_shards_are_disjoint_and_cover_the_data(stores):
-  seen = []
+def _global_batches(stores, processes: int, steps: int) -> list[dict]:
+  """The first `steps` steps of every process, each process's slices joined in order."""
+  per_process = [
+    _take(iter(pipeline.train_dataset(_config_4(stores), _shard(i, processes))), steps)
+    for i in range(processes)
+  ]
+  return [
+    {
+      task: {
+        k: np.concatenate([p[t][task][k] for p in per_process]) for k in per_process[0][t][task]
+      }
+      for task in per_process[0][t]
+    }
+    for t in range(steps)
+  ]
+
+
+def _config_4(stores):
+  """Global batches of 4 per task."""
+  cfg = _config(stores)
+  cfg.segmentation.global_batch_size = cfg.generation.global_batch_size = 4
+  return cfg
+
+
+def _shard(index: int, count: int) -> grain.sharding.ShardOptions:
+  return grain.sharding.ShardOptions(shard_index=index, shard_count=count)
+
+
+def test_global_batches_do_not_depend_on_the_number_of_processes(stores):
+  one = _global_batches(stores, 1, 3)  # One epoch of the 12 segmentation samples.
+  assert [len(step["segmentation"]["text"]) for step in one] == [4, 4, 4]
+  seen = [int(i) for step in one for i in step["segmentation"]["text"][:, 0, 0]]
+  assert sorted(seen) == list(range(12))
+  for processes in (2, 4):
+    for a, b in zip(one, _global_batches(stores, processes, 3), strict=True):
+      _assert_same(a, b)
+
+
+def test_a_process_reads_only_its_slice(stores):
+  """Process i's examples are rows [2i, 2i + 2) of each global batch of 4, and no others."""
+  one = _global_batches(stores, 1, 3)
   for index in (0, 1):
-    shard = grain.sharding.ShardOptions(shard_index=index, shard_count=2)
-    steps = _take(iter(pipeline.train_dataset(_config(stores), shard)), 2)  # One epoch: 6 / 3.
-    seen.append([int(i) for s in steps for i in s["segmentation"]["text"][:, 0, 0]])
-  assert len(set(seen[0])) == len(set(seen[1])) == 6
-  assert not set(seen[0]) & set(seen[1]) and set(seen[0]) | set(seen[1]) == set(range(12))
+    steps = _take(iter(pipeline.train_dataset(_config_4(stores), _shard(index, 2))), 3)
+    for step, whole in zip(steps, one, strict=True):
+      rows = slice(2 * index, 2 * index + 2)
+      np.testing.assert_array_equal(
+        step["segmentation"]["text"], whole["segmentation"]["text"][rows]
+      )
 
   indices, batches = [], []
   for index in (0, 1):
@@ -245,11 +286,11 @@ def test_bad_samples_fail_naming_the_sample(stores, tmp_path):
     store, features, task="segmentation", model_id=MODEL, template=cfg.prompt_template
   )
   prep = dict(resolution=32, text_len=TEXT_LEN, text_dtype="float32")
-  pipeline.preprocess(source[0], **prep)
+  preprocess.example(source[0], **prep)
   with pytest.raises(records.RecordError, match="sample 'seg/broken': image does not decode"):
-    pipeline.preprocess(source[1], **prep)
+    preprocess.example(source[1], **prep)
   with pytest.raises(FeatureError, match=r"sample 'seg/2': 9 text tokens exceed text_len=8"):
-    pipeline.preprocess(source[2], **prep)
+    preprocess.example(source[2], **prep)
   # Inside the grain pipeline the error surfaces with the same message.
   with pytest.raises(Exception, match="seg/broken|seg/2"):
     list(

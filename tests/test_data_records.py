@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 from array_record.python.array_record_module import ArrayRecordWriter
 
-from genmask_jax.data import records
+from genmask_jax.data import records, store
 
 
 def _sample(i: int, task: str = "segmentation", size=(24, 32)) -> dict:
@@ -39,9 +39,9 @@ def test_round_trip_by_index_and_id(tmp_path):
   _write(tmp_path, samples)
   reader = records.RecordReader(str(tmp_path))
   assert len(reader) == 8 and reader.ids() == [s["id"] for s in samples]
-  assert [s["num_records"] for s in reader.meta["shards"]] == [3, 3, 2]
-  assert reader.meta["tasks"] == {"segmentation": 7, "generation": 1}
-  assert reader.meta["info"] == {"by": "test"}
+  assert [len(s.ids) for s in reader.shards] == [3, 3, 2]
+  assert reader.meta.tasks == {"segmentation": 7, "generation": 1}
+  assert reader.meta.info == {"by": "test"}
   assert [reader[i] for i in range(8)] == samples
   assert reader.get("set/4") == samples[4] and reader.index_of("set/5") == 5
   # Decoding gives back the arrays, at the original resolution.
@@ -88,7 +88,7 @@ def test_invalid_samples_are_refused():
 def test_corrupt_records_name_shard_and_index(tmp_path):
   _write(tmp_path, [_sample(i) for i in range(5)])
   # A record that is not msgpack, written in place of record 1 of shard 1.
-  shard = tmp_path / "records-00001.array_record"
+  shard = tmp_path / "records-00000-of-00001-00001.array_record"
   writer = ArrayRecordWriter(str(shard), "group_size:1,uncompressed")
   writer.write(records.encode_sample(_sample(3)))
   writer.write(b"\xc1 not msgpack")
@@ -96,16 +96,17 @@ def test_corrupt_records_name_shard_and_index(tmp_path):
   reader = records.RecordReader(str(tmp_path))
   assert reader[3]["id"] == "set/3"
   with pytest.raises(
-    records.RecordError, match=r"records-00001.array_record record 1: not a msgpack"
+    records.RecordError, match=r"records-00000-of-00001-00001.array_record record 1: not a msgpack"
   ):
     reader[4]
   # A flipped byte inside a record: Riegeli's checksum catches it.
-  data = bytearray((tmp_path / "records-00000.array_record").read_bytes())
+  first = tmp_path / "records-00000-of-00001-00000.array_record"
+  data = bytearray(first.read_bytes())
   data[data.index(b"thing 1")] ^= 0xFF
-  (tmp_path / "records-00000.array_record").write_bytes(bytes(data))
+  first.write_bytes(bytes(data))
   reader = records.RecordReader(str(tmp_path))
   assert reader[0]["id"] == "set/0"
-  with pytest.raises(records.RecordError, match=r"records-00000.array_record record 1: unreadable"):
+  with pytest.raises(records.RecordError, match=r"00001-00000.array_record record 1: unreadable"):
     reader[1]
 
 
@@ -140,13 +141,17 @@ def test_writer_refuses_to_overwrite_and_incomplete_stores(tmp_path):
   with pytest.raises(FileExistsError, match="notes.txt"):
     records.RecordWriter(str(tmp_path / "b"), 10, overwrite=True)
   # A conversion that fails midway leaves its finished shards, drops the unfinished one and
-  # writes no meta.json: the store reads as incomplete.
+  # writes neither store.json nor its part: the store reads as unfinished.
   with pytest.raises(RuntimeError):
     with records.RecordWriter(str(tmp_path / "c"), 1) as writer:
       writer.write(_sample(0))
       writer.write(_sample(1))
       raise RuntimeError("converter crashed")
-  assert os.listdir(tmp_path / "c") == ["records-00000.array_record"]
+  assert sorted(os.listdir(tmp_path / "c")) == [
+    "records-00000-of-00001-00000.array_record",
+    "records-00000-of-00001-00000.ids.json",
+  ]
+  assert not store.is_complete(str(tmp_path / "c"))
   with pytest.raises(records.RecordError, match="did not finish"):
     records.RecordReader(str(tmp_path / "c"))
   with pytest.raises(records.RecordError, match="'set/0' written twice"):

@@ -2,6 +2,7 @@
 with stand-in models (a linear "DiT", a fixed random linear "VAE decoder")."""
 
 import collections
+import functools
 
 import flax.linen as nn
 import jax
@@ -84,14 +85,13 @@ def head_params():
   return nn.meta.unbox(boxed)
 
 
-def make_batch(seed=0, task=(0, 1, 0, 1)):
+def make_batch(seed=0):
   k = jax.random.split(jax.random.key(seed), 5)
   return {
     "latents": jax.random.normal(k[0], (B, 1, H, W, C)),
     "cond": jax.random.normal(k[1], (B, 1, H, W, C)),
     "context": jax.random.normal(k[2], (B, S, D)),
     "context_mask": jnp.arange(S)[None, :] < jnp.array([5, 3, 4, 2])[:, None],
-    "task": jnp.array(task, jnp.int32),
     "mask": jax.random.choice(k[3], jnp.array([0, 1, 255], jnp.uint8), (B, 8 * H, 8 * W)),
   }
 
@@ -120,17 +120,14 @@ def test_flow_path_and_clean_estimate():
 # Text dropout.
 
 
-def test_text_dropout_only_touches_generation_samples():
+def test_text_dropout_zeroes_features_and_key_mask():
   batch = make_batch()
   context, mask = guidance.drop_text(
-    jax.random.key(1), batch["context"], batch["context_mask"], batch["task"], 1.0
+    jax.random.key(1), batch["context"], batch["context_mask"], 1.0
   )
-  is_gen = np.asarray(batch["task"] == tasks.GENERATION)
-  assert not np.any(context[is_gen]) and not np.any(mask[is_gen])
-  np.testing.assert_array_equal(context[~is_gen], batch["context"][~is_gen])
-  np.testing.assert_array_equal(mask[~is_gen], batch["context_mask"][~is_gen])
+  assert not np.any(context) and not np.any(mask)
   kept, kept_mask = guidance.drop_text(
-    jax.random.key(1), batch["context"], batch["context_mask"], batch["task"], 0.0
+    jax.random.key(1), batch["context"], batch["context_mask"], 0.0
   )
   np.testing.assert_array_equal(kept, batch["context"])
   np.testing.assert_array_equal(kept_mask, batch["context_mask"])
@@ -138,11 +135,24 @@ def test_text_dropout_only_touches_generation_samples():
 
 def test_text_dropout_rate():
   n = 20_000
-  task = jnp.arange(n) % 2
-  context, _ = guidance.drop_text(jax.random.key(2), jnp.ones((n, 1, 1)), None, task, 0.3)
-  dropped = np.asarray(context[:, 0, 0] == 0)
-  assert abs(dropped[1::2].mean() - 0.3) < 0.015
-  assert not dropped[0::2].any()
+  context, _ = guidance.drop_text(jax.random.key(2), jnp.ones((n, 1, 1)), None, 0.3)
+  assert abs(np.mean(np.asarray(context[:, 0, 0] == 0)) - 0.3) < 0.01
+
+
+def test_only_generation_batches_drop_their_text():
+  seen = {}
+
+  def recording_dit(params, x, t_dit, context, context_mask, cond):
+    seen["context"] = context
+    return linear_dit(params, x, t_dit, context, context_mask, cond)
+
+  batch, params = make_batch(), {"dit": linear_dit_params()}
+  for task in (tasks.SEGMENTATION, tasks.GENERATION):
+    losses.training_loss(
+      recording_dit, params, batch, jax.random.key(0), task=task, config=loss_config("mse", 1.0)
+    )
+    dropped = not np.any(seen["context"])
+    assert dropped == (task == tasks.GENERATION)
 
 
 # Losses.
@@ -166,50 +176,50 @@ def test_masked_bce_ignores_255_pixels():
   assert float(losses.masked_bce(logits, jnp.full_like(mask, 255))[0]) == 0.0
 
 
-def test_mse_loss_of_a_perfect_model_is_zero():
+@pytest.mark.parametrize("task", [tasks.SEGMENTATION, tasks.GENERATION])
+def test_mse_loss_of_a_perfect_model_is_zero(task):
   batch = make_batch()
-  loss, metrics = losses.training_loss(
+  loss = losses.training_loss(
     perfect_dit(batch["latents"]),
     {"dit": {}},
     batch,
     jax.random.key(0),
+    task=task,
     config=loss_config(text_dropout=0.5),
   )
   assert float(loss) < 1e-9
-  assert float(metrics["loss/segmentation"]) < 1e-9 and float(metrics["loss/generation"]) < 1e-9
 
 
 @pytest.mark.parametrize("supervision", ["vae_bce", "linear_bce"])
 def test_bce_formats_supervise_segmentation_only(supervision):
   batch = make_batch()
   params = {"dit": {}, "mask_head": head_params()}
-  loss, metrics = losses.training_loss(
+  loss_of = functools.partial(
+    losses.training_loss,
     perfect_dit(batch["latents"]),
     params,
-    batch,
-    jax.random.key(0),
+    rng=jax.random.key(0),
     config=loss_config(supervision),
     vae_params=vae_params(),
     vae_mask_logits=vae_mask_logits,
   )
-  # Generation samples stay on MSE (0 for the perfect model); segmentation samples get the BCE
-  # of the decoded (here exact) clean latents.
-  assert float(metrics["loss/generation"]) < 1e-9
-  seg = np.asarray(batch["task"] == tasks.SEGMENTATION)
+  # Generation stays on MSE (0 for the perfect model) and needs no mask; segmentation gets the
+  # BCE of the decoded (here exact) clean latents.
+  no_mask = {k: v for k, v in batch.items() if k != "mask"}
+  assert float(loss_of(no_mask, task=tasks.GENERATION)) < 1e-9
   if supervision == "vae_bce":
     logits = vae_mask_logits(vae_params(), batch["latents"][:, 0])
   else:
     logits = mask_decoders.LinearMaskHead().apply(
       {"params": params["mask_head"]}, batch["latents"][:, 0]
     )
-  expected = np.mean(losses.masked_bce(logits, batch["mask"])[seg])
-  np.testing.assert_allclose(metrics["loss/segmentation"], expected, rtol=1e-4)
-  np.testing.assert_allclose(loss, expected * seg.mean(), rtol=1e-4)
+  expected = np.mean(losses.masked_bce(logits, batch["mask"]))
+  np.testing.assert_allclose(loss_of(batch, task=tasks.SEGMENTATION), expected, rtol=1e-4)
 
 
 @pytest.mark.parametrize("supervision", ["mse", "vae_bce", "linear_bce"])
 def test_gradients_reach_the_model_and_head_never_the_vae(supervision):
-  batch = make_batch(task=(0, 0, 0, 0))  # Segmentation only: BCE gradients must cross the decoder.
+  batch = make_batch()  # Segmentation: BCE gradients must cross the decoder.
   params = {"dit": linear_dit_params()}
   if supervision == "linear_bce":
     params["mask_head"] = head_params()
@@ -220,10 +230,11 @@ def test_gradients_reach_the_model_and_head_never_the_vae(supervision):
       params,
       batch,
       jax.random.key(1),
+      task=tasks.SEGMENTATION,
       config=loss_config(supervision),
       vae_params=vae_params,
       vae_mask_logits=vae_mask_logits,
-    )[0]
+    )
 
   grads, vae_grads = jax.jit(jax.grad(loss_fn, argnums=(0, 1)))(params, vae_params())
   assert nonzero_and_finite(grads), grads
@@ -232,26 +243,21 @@ def test_gradients_reach_the_model_and_head_never_the_vae(supervision):
 
 def test_loss_errors_name_what_is_missing():
   batch = make_batch()
+  loss_of = functools.partial(losses.training_loss, linear_dit, rng=jax.random.key(0))
+  segmentation = dict(task=tasks.SEGMENTATION)
   with pytest.raises(KeyError, match="lacks 'mask'"):
-    losses.training_loss(
-      linear_dit,
+    loss_of(
       {"dit": linear_dit_params()},
       {k: v for k, v in batch.items() if k != "mask"},
-      jax.random.key(0),
       config=loss_config("vae_bce"),
+      **segmentation,
     )
   with pytest.raises(ValueError, match="segmentation_loss 'dice' unknown"):
-    losses.training_loss(
-      linear_dit, {"dit": {}}, batch, jax.random.key(0), config=loss_config("dice")
-    )
+    loss_of({"dit": {}}, batch, config=loss_config("dice"), **segmentation)
   with pytest.raises(ValueError, match="needs the LinearMaskHead parameters"):
-    losses.training_loss(
-      linear_dit,
-      {"dit": linear_dit_params()},
-      batch,
-      jax.random.key(0),
-      config=loss_config("linear_bce"),
-    )
+    loss_of({"dit": linear_dit_params()}, batch, config=loss_config("linear_bce"), **segmentation)
+  with pytest.raises(ValueError, match="task 2 unknown"):
+    loss_of({"dit": linear_dit_params()}, batch, config=loss_config(), task=2)
 
 
 def test_jitted_training_step_does_not_retrace():
@@ -260,12 +266,12 @@ def test_jitted_training_step_does_not_retrace():
   def loss_fn(params, batch, rng):
     traces["loss"] += 1
     return losses.training_loss(
-      linear_dit, params, batch, rng, config=loss_config("linear_bce", 0.1)
+      linear_dit, params, batch, rng, task=tasks.SEGMENTATION, config=loss_config("linear_bce")
     )
 
-  step = jax.jit(jax.value_and_grad(loss_fn, has_aux=True))
+  step = jax.jit(jax.value_and_grad(loss_fn))
   params = {"dit": linear_dit_params(), "mask_head": head_params()}
-  values = [step(params, make_batch(seed), jax.random.key(seed))[0][0] for seed in range(3)]
+  values = [step(params, make_batch(seed), jax.random.key(seed))[0] for seed in range(3)]
   assert traces["loss"] == 1
   assert len(set(float(v) for v in values)) == 3
 

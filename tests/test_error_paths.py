@@ -3,6 +3,8 @@ model with neither a checkpoint nor converted weights, a non-finite gradient und
 """
 
 import math
+import subprocess
+import sys
 
 import grain
 import jax
@@ -57,8 +59,14 @@ def test_latent_stores_on_some_sources_only(config):
 
 
 def test_task_batch_sizes_differ(config):
-  with pytest.raises(ValueError, match="mixed 1:1, batch sizes must agree"):
-    pipeline.train_dataset(_data(config, **{"generation.batch_size": 4}), _no_sharding())
+  with pytest.raises(ValueError, match="mixed 1:1, global batch sizes must agree"):
+    pipeline.train_dataset(_data(config, **{"generation.global_batch_size": 4}), _no_sharding())
+
+
+def test_global_batch_that_does_not_split_over_the_processes(config):
+  shard = grain.sharding.ShardOptions(shard_index=0, shard_count=3)
+  with pytest.raises(ValueError, match="global_batch_size 8 does not split over 3 processes"):
+    pipeline.train_dataset(config.data, shard)
 
 
 def _no_sharding():
@@ -82,3 +90,14 @@ def test_non_finite_gradient_with_a_finite_loss_stops(grad_norm):
   with pytest.raises(train.NonFiniteError, match=r"step 7: non-finite \{'grad_norm'"):
     train.check_finite(7, metrics)
   train.check_finite(7, dict(metrics, grad_norm=1.5))  # Finite: goes on.
+
+
+def test_eval_mode_without_splits_is_refused_before_writing_results(tmp_path):
+  """It used to print an empty table and overwrite results.json with {}."""
+  workdir = tmp_path / "run"
+  command = [sys.executable, "-m", "genmask_jax.main", "--mode=eval", f"--workdir={workdir}"]
+  command.append("--config=configs/genmask.py:tiny")  # No splits, as the default config.
+  result = subprocess.run(command, capture_output=True, text=True, timeout=300)
+  assert result.returncode != 0
+  assert "config: eval.splits is empty, so --mode=eval has nothing to evaluate" in result.stderr
+  assert not (workdir / "eval").exists()

@@ -11,7 +11,7 @@ import pytest
 from train_config import get_config
 from training_data import IMAGE_SIZE, make_stores
 
-from genmask_jax.data import encode_latents, latents, pipeline, records, synthetic
+from genmask_jax.data import encode_latents, pipeline, preprocess, records, synthetic
 from genmask_jax.data.latents import LatentError, LatentReader
 from genmask_jax.models.vae import LATENTS_STD
 from genmask_jax.training import train
@@ -43,16 +43,16 @@ def test_two_workers_write_a_store_read_by_index(root, tmp_path, task):
     return pooled(images)
 
   kwargs = dict(vae="vae-a", resolution=IMAGE_SIZE, num_workers=2, batch_size=5)
-  assert not latents.encode_store(encode, store, out, worker_index=1, **kwargs)
+  assert not encode_latents.encode_store(encode, store, out, worker_index=1, **kwargs)
   with pytest.raises(LatentError, match=r"workers \[0\] of 2"):
     LatentReader(out)
-  assert latents.encode_store(encode, store, out, worker_index=0, **kwargs)
+  assert encode_latents.encode_store(encode, store, out, worker_index=0, **kwargs)
   assert set(calls) == {5}  # Every call one shape (the last batch padded).
 
   samples, reader = records.RecordReader(store), LatentReader(out)
   assert reader.ids() == samples.ids()
   for i in range(len(samples)):
-    pixels = pipeline.pixels(samples[i], IMAGE_SIZE)
+    pixels = preprocess.pixels(samples[i], IMAGE_SIZE)
     got = reader[i]
     np.testing.assert_allclose(got["image_latents"], pooled(pixels["image"][None])[0], atol=1e-6)
     if task == "segmentation":
@@ -62,21 +62,23 @@ def test_two_workers_write_a_store_read_by_index(root, tmp_path, task):
       assert set(got) == {"image_latents"}
 
   calls.clear()  # A re-run skips the written slices.
-  assert latents.encode_store(encode, store, out, worker_index=0, **kwargs)
+  assert encode_latents.encode_store(encode, store, out, worker_index=0, **kwargs)
   assert calls == []
   with pytest.raises(LatentError, match="was started with"):
-    latents.encode_store(encode, store, out, **dict(kwargs, vae="vae-b"))
+    encode_latents.encode_store(encode, store, out, **dict(kwargs, vae="vae-b"))
 
 
 def test_pipeline_joins_latents_and_refuses_those_of_other_samples(root, tmp_path):
   seg_latents, gen_latents = str(tmp_path / "seg"), str(tmp_path / "gen")
   for task, out in (("segmentation", seg_latents), ("generation", gen_latents)):
-    latents.encode_store(pooled, os.path.join(root, task), out, vae="v", resolution=IMAGE_SIZE)
+    encode_latents.encode_store(
+      pooled, os.path.join(root, task), out, vae="v", resolution=IMAGE_SIZE
+    )
   other_store, other_latents = str(tmp_path / "other"), str(tmp_path / "other_latents")
   with records.RecordWriter(other_store, 16) as writer:  # Same task and size, other samples.
     for sample in synthetic.samples("val", 32, image_size=IMAGE_SIZE):
       writer.write(sample)
-  latents.encode_store(pooled, other_store, other_latents, vae="v", resolution=IMAGE_SIZE)
+  encode_latents.encode_store(pooled, other_store, other_latents, vae="v", resolution=IMAGE_SIZE)
   config = get_config(root)
   source = config.data.segmentation.sources[0]
 
@@ -91,7 +93,7 @@ def test_pipeline_joins_latents_and_refuses_those_of_other_samples(root, tmp_pat
       resolution=resolution,
     )
 
-  example = pipeline.preprocess(
+  example = preprocess.example(
     join(seg_latents)[3], resolution=IMAGE_SIZE, text_len=8, text_dtype="float32"
   )
   np.testing.assert_array_equal(
@@ -154,7 +156,7 @@ def test_precompute_command_writes_every_named_store(root, tmp_path):
     assert result.returncode == 0, result.stderr[-3000:]
   for task in ("segmentation", "generation"):
     reader = LatentReader(os.path.join(root, f"{task}_latents"))
-    assert reader.meta.dtype == "float16" and reader.meta.num_workers == 2
+    assert reader.meta.dtype == "float16" and reader.layout.num_workers == 2
     assert reader.ids() == records.RecordReader(os.path.join(root, task)).ids()
     assert reader[31]["image_latents"].shape == (IMAGE_SIZE // 8, IMAGE_SIZE // 8, 16)
 
@@ -172,5 +174,5 @@ def test_precompute_command_fans_out_over_cpu_workers(tmp_path):
   assert len(os.listdir(tmp_path / "logs")) == 2
   for task in ("segmentation", "generation"):
     reader = LatentReader(os.path.join(root, f"{task}_latents"))
-    assert reader.meta.num_workers == 2
+    assert reader.layout.num_workers == 2
     assert reader.ids() == records.RecordReader(os.path.join(root, task)).ids()

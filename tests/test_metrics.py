@@ -163,7 +163,7 @@ def test_bad_sizes_and_masks_raise():
     resize.undo_resize(np.zeros((16, 16)), (30, 20), (17, 11))
   bad = np.zeros((4, 4), np.uint8)
   bad[0, 0] = 2
-  with pytest.raises(ValueError, match="'ref-7'.*0, 1 or 255"):
+  with pytest.raises(ValueError, match=r"'ref-7'.*one of \(0, 1, 255\)"):
     reduce.stats_at_original(
       np.zeros((1, 8, 8)), [bad], np.array([[4, 4]]), np.array([[8, 8]]), [True], ids=["ref-7"]
     )
@@ -178,9 +178,11 @@ def test_results_json_and_console_table(tmp_path, capsys):
   report.write_results(results, str(path))
   assert json.loads(path.read_text()) == results
   lines = capsys.readouterr().out.strip().splitlines()
-  assert lines[0].split() == ["split", *report.COLUMNS]
-  assert lines[1].split() == ["val", "2", "62.50", "40.00"] + ["50.00"] * 5
-  assert lines[2].split()[:3] == ["testA", "1", "100.00"]
+  # One unit on the console and in the JSON, and the table says which.
+  assert lines[0] == "gIoU (= mIoU), cIoU (= oIoU), Prec@t: fractions in [0, 1], as in results.json"
+  assert lines[1].split() == ["split", *report.COLUMNS]
+  assert lines[2].split() == ["val", "2", "0.6250", "0.4000"] + ["0.5000"] * 5
+  assert lines[3].split()[:3] == ["testA", "1", "1.0000"]
 
 
 def test_overlay_grid_is_a_png_of_the_expected_size(tmp_path):

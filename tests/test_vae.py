@@ -256,3 +256,26 @@ def test_mask_image_round_trip():
   noisy = image * 0.6 + rng.uniform(-0.3, 0.3, image.shape).astype(np.float32)
   np.testing.assert_array_equal(np.asarray(masks.image_to_mask_logits(noisy) > 0), mask == 1)
   assert float(masks.image_to_mask_logits(jnp.zeros((1, 2, 2, 3))).max()) == 0.0
+
+
+def test_vae_bce_logits_are_taken_before_the_clip():
+  """Mask logits from decoded pixels beyond [-1, 1]: unbounded, and with a gradient (the clip
+  used to cap probabilities at sigmoid(1) = 0.73 and stop the gradient of saturated pixels)."""
+  from genmask_jax.diffusion.losses import masked_bce
+  from genmask_jax.models.genmask import Models
+
+  vae = WanVAE(**CFG)
+  params = nn.meta.unbox(vae.init(jax.random.key(0), jnp.zeros((1, 16, 16, 3)))["params"])
+  params["decoder"]["conv_out"]["bias"] += 1.5  # Most pixels decode beyond +1 in every channel.
+  models = Models(dit=None, vae=vae, mask_head=None, use_condition_tokens=True)
+  latents = jax.random.normal(jax.random.key(1), (1, 2, 2, 16))
+  image = np.asarray(vae.apply({"params": params}, latents, False, method=WanVAE.decode))
+  saturated = np.all(np.abs(image) > 1, axis=-1)  # Every channel beyond the clip.
+  assert saturated.mean() > 0.1
+  logits = models.vae_mask_logits(params, latents)
+  assert float(jnp.abs(logits).max()) > masks.LOGIT_SCALE  # Beyond what +-1 pixels give.
+  target = jnp.asarray(image.mean(-1) < 0, jnp.uint8)  # The wrong side: a large loss.
+  outside = jnp.where(jnp.asarray(saturated), target, 255)  # Only saturated pixels count.
+  loss = lambda z: masked_bce(models.vae_mask_logits(params, z), outside).sum()
+  grad = jax.grad(loss)(latents)
+  assert float(jnp.abs(grad).max()) > 1e-3

@@ -1,7 +1,6 @@
 """One command per node for the VLM stage (launch/precompute_vlm.py --gpus=cpu:N, launch/fanout.py):
 the same store as one worker, a killed worker finished by a re-run, files readable by others."""
 
-import json
 import os
 import signal
 import subprocess
@@ -12,7 +11,7 @@ import numpy as np
 import pytest
 
 from genmask_jax.data import features as F
-from genmask_jax.data import records
+from genmask_jax.data import records, store
 from genmask_jax.vlm import image_policy, prompts, tiny_qwen
 from launch import fanout
 
@@ -76,8 +75,8 @@ def precompute(checkpoint, samples, out, *flags, pythonpath=None) -> subprocess.
 
 def shards_by_ids(path) -> dict[tuple[str, ...], bytes]:
   """Each shard file's bytes, keyed by the sample ids it holds (names carry the worker count)."""
-  manifest = json.loads((path / F.MANIFEST_FILE).read_text())
-  return {tuple(s["ids"]): (path / s["file"]).read_bytes() for s in manifest["shards"]}
+  shards = F.FeatureReader(str(path)).shards
+  return {tuple(s.ids): (path / s.files["features"]).read_bytes() for s in shards}
 
 
 def store_files(path) -> dict[str, bytes]:
@@ -110,7 +109,7 @@ def test_two_workers_write_what_one_worker_writes(one_worker, two_workers):
     "precompute_vlm-worker-00001-of-00002.log",
   ]
   a, b = F.FeatureReader(str(one_worker)), F.FeatureReader(str(two))
-  assert a.ids() == b.ids() == [f"s{i}" for i in range(NUM_SAMPLES)]  # The manifest's order.
+  assert a.ids() == b.ids() == [f"s{i}" for i in range(NUM_SAMPLES)]  # The parts' order.
   policy = image_policy.DEFAULT.to_record()
   expected = F.FeatureMeta(
     "tiny-qwen", prompts.prompt_template(), "bfloat16", 64, image_policy=policy
@@ -158,7 +157,7 @@ def test_a_killed_worker_fails_the_command_and_a_rerun_finishes_it(
   assert "worker 1 of 2 (cpu:1) was killed by SIGKILL" in killed.stderr, killed.stderr[-3000:]
   assert str(logs / "precompute_vlm-worker-00001-of-00002.log") in killed.stderr
   names = set(os.listdir(out))
-  assert F.MANIFEST_FILE not in names
+  assert store.part_name(0, 2) in names and store.part_name(1, 2) not in names
   assert {f"features-00000-of-00002-0000{s}.array_record" for s in (0, 1)} <= names
   assert "features-00001-of-00002-00000.array_record" in names
   assert "features-00001-of-00002-00001.array_record" not in names
@@ -199,7 +198,7 @@ def test_store_files_get_the_mode_the_umask_allows(tmp_path, umask, mode):
   finally:
     os.umask(previous)
   files = sorted(tmp_path.iterdir())
-  assert len(files) == 4  # meta, shard, its ids, manifest.
+  assert len(files) == 4  # store.json, shard, its ids, the worker's part.
   assert {f.name: f.stat().st_mode & 0o777 for f in files} == {f.name: mode for f in files}
 
 

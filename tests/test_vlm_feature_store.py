@@ -9,6 +9,7 @@ import pytest
 from array_record.python.array_record_module import ArrayRecordWriter
 
 from genmask_jax.data import features as F
+from genmask_jax.data import store
 
 META = F.FeatureMeta(model_id="enc-a", prompt_template="tmpl-a", dtype="bfloat16", hidden_size=8)
 
@@ -61,7 +62,7 @@ def test_missing_id_and_incomplete_store_are_named(tmp_path):
   write_store(tmp_path)
   with pytest.raises(F.FeatureError, match="'id99'"):
     F.FeatureReader(str(tmp_path)).get("id99")
-  os.remove(tmp_path / F.MANIFEST_FILE)
+  os.remove(tmp_path / store.part_name(1, 2))
   with pytest.raises(F.FeatureError, match="incomplete"):
     F.FeatureReader(str(tmp_path))
 

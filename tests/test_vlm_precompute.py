@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from genmask_jax.data import features as F
-from genmask_jax.data import records
+from genmask_jax.data import records, store
 from genmask_jax.vlm import encode, image_policy, prompts, tiny_qwen
 from launch import precompute_vlm
 
@@ -175,7 +175,7 @@ def test_interrupted_run_resumes_to_the_same_store(
 
 def test_two_workers_cover_every_id_once(vlm, sample_store, full_store, tmp_path):
   assert not run(vlm, sample_store, tmp_path, num_workers=2, worker_index=1)
-  assert not os.path.exists(tmp_path / F.MANIFEST_FILE)
+  assert not store.is_complete(str(tmp_path))
   assert run(vlm, sample_store, tmp_path, num_workers=2, worker_index=0)
   reader, full = F.FeatureReader(str(tmp_path)), F.FeatureReader(str(full_store))
   assert reader.ids() == full.ids()

@@ -24,7 +24,7 @@ def get_config(arg: str) -> ml_collections.ConfigDict:
     latents = {"latents": os.path.join(root, f"{task}_latents")} if "latents" in options else {}
     data[task].sources = [dict(stores[task], **latents)]
     data[task].resolution = IMAGE_SIZE
-    data[task].batch_size = 8
+    data[task].global_batch_size = 8
   config.eval.splits = [dict(name="synthetic_train", **stores["segmentation"])]
   config.eval.num_overlays = 2
   config.total_steps = 8

@@ -69,6 +69,24 @@ def is_diffusers_layout(keys) -> bool:
   return any(k.startswith(("condition_embedder.", "proj_out.")) for k in keys)
 
 
+def architecture_summary(tensors: dict[str, np.ndarray], cfg: ml_collections.ConfigDict) -> str:
+  """The sizes a checkpoint's shapes show (original names) next to the config's; the head
+  count shapes no tensor, so it cannot be read back."""
+  layers = {int(m[1]) for key in tensors if (m := re.match(r"blocks\.(\d+)\.", key))}
+
+  def size(key: str, axis: int) -> str:
+    return str(tensors[key].shape[axis]) if key in tensors else "?"
+
+  found = (
+    f"num_layers {len(layers)}, dim {size('patch_embedding.weight', 0)}, ffn_dim "
+    f"{size('blocks.0.ffn.0.weight', 0)}, text_dim {size('text_embedding.0.weight', 1)}"
+  )
+  expected = (
+    f"num_layers {cfg.num_layers}, dim {cfg.dim}, ffn_dim {cfg.ffn_dim}, text_dim {cfg.text_dim}"
+  )
+  return f"checkpoint: {found}; config: {expected}"
+
+
 def _linear(ledger: TensorLedger, name: str, in_dim: int, out_dim: int) -> dict[str, np.ndarray]:
   """PyTorch Linear `name` (weight [out, in]) as a Flax Dense {kernel [in, out], bias}."""
   return {
@@ -144,7 +162,7 @@ def dit_params_from_tensors(
     "head_modulation": ledger.take("head.modulation", (1, 2, d))[0],
     "head": _linear(ledger, "head.head", d, n_patch * cfg.out_dim),
   }
-  ledger.close()
+  ledger.close(architecture_summary(tensors, cfg))
   params = jax.tree.map(lambda x: np.ascontiguousarray(x, np.float32), params)
   return params, ledger.set_aside
 

@@ -99,7 +99,8 @@ class TensorLedger:
   """The tensors of one checkpoint, with a record of which were taken.
 
   Every tensor must be taken exactly once with the expected shape, or set aside with a
-  reason; `close()` raises one error listing every missing, unexpected and mis-shaped key.
+  reason; `close()` raises one error: a summary line (the architecture the checkpoint's shapes
+  show next to the config's), then every missing, unexpected and mis-shaped key.
   """
 
   def __init__(self, tensors: Mapping[str, np.ndarray], source: str):
@@ -145,7 +146,7 @@ class TensorLedger:
     self._mark(key)
     self.set_aside[key] = reason
 
-  def close(self) -> None:
+  def close(self, summary: str) -> None:
     unexpected = sorted(set(self._tensors) - self._used)
     problems = []
     if self._missing:
@@ -155,7 +156,7 @@ class TensorLedger:
     if self._misshaped:
       problems.append(f"mis-shaped keys ({len(self._misshaped)}): {self._misshaped}")
     if problems:
-      raise CheckpointError(f"{self.source}: " + "; ".join(problems))
+      raise CheckpointError(f"{self.source}: {summary}\n" + "; ".join(problems))
 
 
 def rename_keys(tensors: Mapping[str, np.ndarray], rename) -> dict[str, np.ndarray]:

@@ -116,6 +116,22 @@ def _take_leaf(ledger: TensorLedger, module: str, per_frame: bool, leaf: str, sh
   return ledger.take(f"{module}.{leaf}", shape)
 
 
+def architecture_summary(tensors: Mapping[str, np.ndarray], cfg: Mapping) -> str:
+  """The sizes a checkpoint's shapes show (original names) next to the config's."""
+  blocks = {int(m[1]) for key in tensors if (m := re.match(r"encoder\.downsamples\.(\d+)\.", key))}
+
+  def size(key: str, divisor: int = 1) -> str:
+    return str(tensors[key].shape[0] // divisor) if key in tensors else "?"
+
+  found = f"base_dim {size('encoder.conv1.weight')}, z_dim {size('conv1.weight', 2)}"
+  expected_blocks = len(cfg["dim_mult"]) * (cfg["num_res_blocks"] + 1) - 1
+  return (
+    f"checkpoint: {found}, {len(blocks)} encoder blocks; config: base_dim {cfg['base_dim']}, "
+    f"z_dim {cfg['z_dim']}, {expected_blocks} encoder blocks (dim_mult "
+    f"{tuple(cfg['dim_mult'])}, num_res_blocks {cfg['num_res_blocks']})"
+  )
+
+
 def is_diffusers_layout(keys) -> bool:
   return "encoder.conv_in.weight" in keys
 
@@ -154,7 +170,7 @@ def vae_params_from_tensors(
       module, _ = _original_module((side, f"stage_{stage}_{kind}"), n)
       for leaf in ("weight", "bias"):
         ledger.set_aside_key(module.replace(".resample.1", f".time_conv.{leaf}"), _TIME_CONV_REASON)
-  ledger.close()
+  ledger.close(architecture_summary(tensors, cfg))
   logging.info("%s: %d tensors converted, %d set aside", source, len(params), len(ledger.set_aside))
   params = {k: np.ascontiguousarray(v, np.float32) for k, v in params.items()}
   return traverse_util.unflatten_dict(params), ledger.set_aside

@@ -1,2 +1,3 @@
-"""Data: the sample store (records), converters (sources), the synthetic set, the VLM feature
-store (features) and the grain pipelines that join them (pipeline)."""
+"""Data: one store protocol (store) with three row formats: sample records (records), VLM
+features (features) and VAE latents (latents, written by encode_latents); converters (sources),
+the synthetic set, preprocessing (preprocess) and the grain pipelines that join them (pipeline)."""

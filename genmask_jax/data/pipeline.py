@@ -1,31 +1,20 @@
 """grain input pipelines: samples joined with their VLM features (and latents), decoded,
-resized and padded.
+resized and padded (preprocess.py).
 
-Every sample store (records.py) is paired with a feature store (features.py) holding its ids,
-encoded by the configured model with the configured prompt template; anything else is an
-error naming the store or the sample. One preprocessed example is
+Every sample store (records.py) is paired with a feature store (features.py) whose rows are
+its samples in order, encoded by the configured model with the configured prompt template;
+anything else is an error naming the store or the sample. The config is the data section of an
+experiment config (configs/data.py); an example is described in preprocess.py.
 
-  image        float32 (R, R, 3) in [-1, 1]: resized so that the longer side is R, then padded
-               at the bottom / right with -1 (black)
-  mask         uint8 (R, R) in {0, 1, 255} (segmentation only), nearest-neighbour resized,
-               padding 0
-  text         (S, D) VLM hidden states, zero-padded to S = text_len (never truncated)
-  text_mask    bool (S,), True on real tokens
-  size         int32 (2,): the original (height, width)
-  resized_size int32 (2,): (height, width) of the image inside the padded square; a
-               prediction is undone by cropping [:h, :w] and resizing to `size`
-  image_latents, mask_latents
-               float32 (R/s, R/s, z_dim), only for sources with a latent store (latents.py):
-               the VAE latents of the image and of `mask`, read instead of encoded every step;
-               such examples hold no `image` (it is neither decoded nor resized)
-
-Training (`train_dataset`): every step holds a segmentation batch and a generation batch of
-the same per-process size B, each at its own resolution: {"segmentation": {...},
-"generation": {...}}. Each process reads its own slice of every store (ShardOptions /
-ShardByJaxProcess), shuffled with a new order every epoch; several stores of one task are
-concatenated, or mixed by weight when weights are given. Iteration is deterministic given the
-seed and the number of worker processes (each worker batches its own share of the stream), and
-the iterator's get_state() / set_state() resume it exactly.
+Training (`train_dataset`): every step holds a segmentation batch and a generation batch,
+each at its own resolution: {"segmentation": {...}, "generation": {...}}. A task's examples
+are one stream for the whole job, shuffled with a new order every epoch (several stores of one
+task concatenated, or mixed by weight when weights are given) and cut into global batches of
+`global_batch_size`; process i of n (ShardOptions / ShardByJaxProcess) reads, and sees, only
+the i-th n-th of each global batch, so the global batches are the same on 1, 2 or 64
+processes. Iteration is deterministic given the seed and the number of worker processes (each
+worker batches its own share of the stream), and the iterator's get_state() / set_state()
+resume it exactly.
 
 Evaluation (`eval_dataset`): one store in order, split over processes; the last batches are
 padded with `valid = False` examples so that every process runs the same number of steps.
@@ -35,59 +24,23 @@ from __future__ import annotations
 
 import functools
 import math
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
 
-import cv2
 import grain
 import ml_collections
-import ml_dtypes
 import numpy as np
 from grain.experimental import ZipMapDataset
 
-from genmask_jax.data import records
-from genmask_jax.data.features import FeatureError, FeatureReader, check_meta
-from genmask_jax.data.latents import LatentError, LatentReader
-from genmask_jax.vlm.prompts import prompt_template
-
-TEXT_DTYPES = {
-  "float32": np.dtype(np.float32),
-  "bfloat16": np.dtype(ml_dtypes.bfloat16),
-  "float16": np.dtype(np.float16),
-}
-
-
-def default_config() -> ml_collections.ConfigDict:
-  """The data section of an experiment config."""
-
-  def task() -> dict:
-    return dict(
-      # Each source: {"records": sample store dir, "features": feature store dir,
-      # "latents": optional latent store dir (all or none of a task's sources have one),
-      # "weight": optional mixing weight (all or none of a task's sources have one)}.
-      sources=[],
-      resolution=512,
-      batch_size=8,  # Per process; the same for both tasks.
-    )
-
-  return ml_collections.ConfigDict(
-    dict(
-      seed=0,
-      text_len=512,
-      text_dtype="float32",  # bfloat16 halves host memory; the DiT casts anyway.
-      encoder_model_id="Qwen2.5-VL-7B-Instruct",
-      prompt_template=prompt_template(),
-      num_workers=0,  # grain worker processes per host; 0 reads in this process.
-      num_threads=8,  # Reader threads per process / worker.
-      prefetch_buffer_size=32,  # Examples read ahead per process / worker.
-      segmentation=task(),
-      generation=task(),
-    )
-  )
+from genmask_jax.data import preprocess, records, store
+from genmask_jax.data.features import FeatureReader, check_meta
+from genmask_jax.data.latents import LatentReader
+from genmask_jax.data.preprocess import TEXT_DTYPES
+from genmask_jax.data.store import StoreError
 
 
 class JoinedSource:
-  """A sample store joined with its feature store by sample id (and its latent store, aligned
-  by index); grain random access."""
+  """A sample store joined with its feature store (and its latent store), row by row: their
+  ids are checked once, here; grain random access."""
 
   def __init__(
     self,
@@ -104,103 +57,62 @@ class JoinedSource:
     self.features = FeatureReader(features_dir)
     try:
       check_meta(self.features.meta, model_id, template)
-    except FeatureError as e:
-      raise FeatureError(f"{features_dir}: {e}") from e
-    tasks = set(self.samples.meta["tasks"])
+    except StoreError as e:
+      raise StoreError(f"{features_dir}: {e}") from e
+    tasks = set(self.samples.meta.tasks)
     if tasks != {task}:
-      raise records.RecordError(f"{records_dir}: holds {sorted(tasks)} samples, expected {task}")
-    have = set(self.features.ids())
-    missing = [i for i in self.samples.ids() if i not in have]
-    if missing:
-      raise FeatureError(
-        f"{features_dir} has no features for sample {missing[0]!r} of {records_dir} "
-        f"({len(missing)} samples missing): encode this sample store with "
-        "launch/precompute_vlm.py"
-      )
+      raise StoreError(f"{records_dir}: holds {sorted(tasks)} samples, expected {task}")
+    store.check_aligned(self.features, self.samples)
     self.latents = None
     if latents_dir:
       self.latents = LatentReader(latents_dir)
       meta = self.latents.meta
       if (meta.task, meta.resolution) != (task, resolution):
-        raise LatentError(
+        raise StoreError(
           f"{latents_dir} holds {meta.task} latents at resolution {meta.resolution}, expected "
           f"{task} at {resolution}"
         )
-      if self.latents.ids() != self.samples.ids():
-        raise LatentError(
-          f"{latents_dir}: its ids are not those of {records_dir} in order: re-run "
-          "launch/precompute_latents.py for this sample store"
-        )
+      store.check_aligned(self.latents, self.samples)
 
   def __len__(self) -> int:
     return len(self.samples)
 
   def __getitem__(self, index: int) -> dict:
-    sample = self.samples[index]
-    element = {"sample": sample, "hidden": self.features.get(sample["id"])}
+    element = {"sample": self.samples[index], "hidden": self.features[index].hidden}
     if self.latents is not None:
       element["latents"] = self.latents[index]
     return element
 
 
-def resized_shape(height: int, width: int, resolution: int) -> tuple[int, int]:
-  """(h, w) with the longer side `resolution` and the aspect ratio kept."""
-  scale = resolution / max(height, width)
-  return max(1, round(height * scale)), max(1, round(width * scale))
-
-
-def resize_and_pad(array: np.ndarray, resolution: int, nearest: bool) -> np.ndarray:
-  """Longer side to `resolution`, then zero-padded at the bottom / right to a square."""
-  h, w = array.shape[:2]
-  rh, rw = resized_shape(h, w, resolution)
-  if nearest:
-    method = cv2.INTER_NEAREST
-  else:  # Area averaging when shrinking avoids aliasing; bilinear when enlarging.
-    method = cv2.INTER_AREA if rh < h else cv2.INTER_LINEAR
-  out = np.zeros((resolution, resolution) + array.shape[2:], array.dtype)
-  out[:rh, :rw] = cv2.resize(array, (rw, rh), interpolation=method)
-  return out
-
-
-def pixels(sample: Mapping, resolution: int, with_image: bool = True) -> dict[str, np.ndarray]:
-  """A sample's image (unless `with_image` is False) and mask as the model sees them, with their
-  sizes (module docstring)."""
-  h, w = sample["height"], sample["width"]  # decode_image checks that the image has them.
-  out = {
-    "size": np.array([h, w], np.int32),
-    "resized_size": np.array(resized_shape(h, w, resolution), np.int32),
-  }
-  if with_image:
-    image = resize_and_pad(records.decode_image(sample), resolution, False)
-    out["image"] = image.astype(np.float32) / 127.5 - 1
-  if sample["task"] == "segmentation":
-    out["mask"] = resize_and_pad(records.decode_mask(sample), resolution, True)
-  return out
-
-
-def preprocess(element: Mapping, *, resolution: int, text_len: int, text_dtype: str) -> dict:
-  """One joined sample -> one example (see the module docstring)."""
-  sample, hidden = element["sample"], element["hidden"]
-  if "latents" in element:  # The image's latents replace it.
-    example = pixels(sample, resolution, with_image=False) | element["latents"]
-  else:
-    example = pixels(sample, resolution)
-  if hidden.shape[0] > text_len:
-    raise FeatureError(
-      f"sample {sample['id']!r}: {hidden.shape[0]} text tokens exceed text_len={text_len}; "
-      "raise text_len (the DiT's text length) rather than truncate"
+def process_batch_size(global_batch_size: int, process_count: int) -> int:
+  """Each process's share of a global batch; ValueError naming both unless it divides."""
+  if global_batch_size % process_count:
+    raise ValueError(
+      f"config: global_batch_size {global_batch_size} does not split over {process_count} "
+      f"processes; use a multiple of {process_count}"
     )
-  text = np.zeros((text_len, hidden.shape[1]), TEXT_DTYPES[text_dtype])
-  text[: hidden.shape[0]] = hidden
-  example["text"] = text
-  example["text_mask"] = np.arange(text_len) < hidden.shape[0]
-  return example
+  return global_batch_size // process_count
 
 
-def _shard(ds: grain.MapDataset, shard: grain.sharding.ShardOptions) -> grain.MapDataset:
-  if shard.drop_remainder:
-    ds = ds[: len(ds) // shard.shard_count * shard.shard_count]
-  return ds[shard.shard_index :: shard.shard_count]
+class _ProcessSlice(grain.MapDataset):
+  """Process `index` of `count`'s part of a stream cut into global batches of `count * batch`
+  examples: element m is example `batch * index + m % batch` of global batch `m // batch`."""
+
+  def __init__(self, parent: grain.MapDataset, index: int, count: int, batch: int):
+    super().__init__(parent)
+    self._index, self._count, self._batch = index, count, batch
+
+  def __len__(self) -> int:
+    return len(self._parent) // self._count
+
+  def __getitem__(self, m):
+    if isinstance(m, slice):
+      return self.slice(m)
+    step, j = divmod(m, self._batch)
+    return self._parent[(step * self._count + self._index) * self._batch + j]
+
+  def __str__(self) -> str:
+    return f"_ProcessSlice(index={self._index}, count={self._count}, batch={self._batch})"
 
 
 def _seed(seed: int, *keys: int) -> int:
@@ -210,7 +122,7 @@ def _seed(seed: int, *keys: int) -> int:
 def _task_examples(
   cfg: ml_collections.ConfigDict, task: str, shard: grain.sharding.ShardOptions
 ) -> grain.MapDataset:
-  """The endless, shuffled, preprocessed examples of one task for this process."""
+  """The endless, shuffled, preprocessed examples of one task that this process reads."""
   task_cfg = cfg[task]
   if not task_cfg.sources:
     raise ValueError(f"config: data.{task}.sources is empty")
@@ -230,8 +142,8 @@ def _task_examples(
     for s in task_cfg.sources
   ]
   if len({j.features.meta.hidden_size for j in joined}) != 1:
-    raise FeatureError(f"config: data.{task}.sources have features of different widths")
-  parts = [_shard(grain.MapDataset.source(j), shard) for j in joined]
+    raise StoreError(f"config: data.{task}.sources have features of different widths")
+  parts = [grain.MapDataset.source(j) for j in joined]
   task_key = records.TASKS.index(task)
   weights = [s.get("weight") for s in task_cfg.sources]
   if all(w is None for w in weights):
@@ -242,6 +154,8 @@ def _task_examples(
     ds = grain.MapDataset.mix(
       [p.shuffle(_seed(cfg.seed, task_key, i)).repeat() for i, p in enumerate(parts)], weights
     )
+  batch = process_batch_size(task_cfg.global_batch_size, shard.shard_count)
+  ds = _ProcessSlice(ds, shard.shard_index, shard.shard_count, batch)
   return ds.map(_preprocessor(cfg, task_cfg.resolution))
 
 
@@ -249,7 +163,7 @@ def _preprocessor(cfg: ml_collections.ConfigDict, resolution: int):
   if cfg.text_dtype not in TEXT_DTYPES:
     raise ValueError(f"config: text_dtype {cfg.text_dtype!r} is not one of {list(TEXT_DTYPES)}")
   return functools.partial(
-    preprocess, resolution=resolution, text_len=cfg.text_len, text_dtype=cfg.text_dtype
+    preprocess.example, resolution=resolution, text_len=cfg.text_len, text_dtype=cfg.text_dtype
   )
 
 
@@ -276,11 +190,14 @@ def train_dataset(
   """
   shard = shard or grain.sharding.ShardByJaxProcess()
   tasks = [t for t in records.TASKS if t == "segmentation" or cfg[t].sources]
-  if len(tasks) == 2 and cfg.segmentation.batch_size != cfg.generation.batch_size:
-    raise ValueError("config: segmentation and generation are mixed 1:1, batch sizes must agree")
+  sizes = {t: cfg[t].global_batch_size for t in tasks}
+  if len(set(sizes.values())) > 1:
+    raise ValueError(
+      f"config: segmentation and generation are mixed 1:1, global batch sizes must agree: {sizes}"
+    )
   examples = [_task_examples(cfg, t, shard) for t in tasks]
   steps = ZipMapDataset(examples).map(functools.partial(_by_task, tasks=tasks))
-  return _finish(steps, cfg, cfg.segmentation.batch_size)
+  return _finish(steps, cfg, process_batch_size(sizes["segmentation"], shard.shard_count))
 
 
 def eval_dataset(

@@ -11,7 +11,6 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
-from genmask_jax.diffusion import tasks
 from genmask_jax.diffusion.flow import VelocityFn
 
 
@@ -27,15 +26,10 @@ def null_text(
 
 
 def drop_text(
-  rng: jax.Array,
-  context: jax.Array,
-  context_mask: jax.Array | None,
-  task_ids: jax.Array,
-  rate: float,
+  rng: jax.Array, context: jax.Array, context_mask: jax.Array | None, rate: float
 ) -> tuple[jax.Array, jax.Array | None]:
-  """Drops the text of generation samples with probability `rate`; segmentation samples keep
-  theirs (segmentation is never guided)."""
-  drop = jax.random.bernoulli(rng, rate, task_ids.shape) & (task_ids == tasks.GENERATION)
+  """Drops each sample's text with probability `rate` (generation samples, for guidance)."""
+  drop = jax.random.bernoulli(rng, rate, context.shape[:1])
   return null_text(context, context_mask, drop)
 
 

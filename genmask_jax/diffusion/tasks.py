@@ -1,4 +1,5 @@
-"""Per-sample task ids of a mixed batch; they index per-task settings such as timestep samplers."""
+"""The two tasks: ids (static arguments of the train step and the loss) and names (data config
+sections, sample records, timestep samplers, metrics)."""
 
 SEGMENTATION = 0
 GENERATION = 1

@@ -20,8 +20,8 @@ from typing import Any
 
 import numpy as np
 
-FOREGROUND = 1
-IGNORE = 255
+from genmask_jax.data.masks import FOREGROUND, IGNORE
+
 PRECISION_TENTHS = (5, 6, 7, 8, 9)  # Prec@0.5 .. Prec@0.9, as integer tenths for exact tests.
 
 

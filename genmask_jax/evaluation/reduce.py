@@ -20,6 +20,8 @@ import jax.numpy as jnp
 import numpy as np
 from jax.experimental import multihost_utils
 
+from genmask_jax.data.masks import IGNORE
+from genmask_jax.data.masks import VALUES as MASK_VALUES
 from genmask_jax.evaluation import metrics, resize
 from genmask_jax.runtime import sharding
 
@@ -44,7 +46,7 @@ def batch_sums(
   inside = (jnp.arange(height)[None, :, None] < original_hw[:, 0, None, None]) & (
     jnp.arange(width)[None, None, :] < original_hw[:, 1, None, None]
   )
-  gt = jnp.where(inside, gt, metrics.IGNORE)
+  gt = jnp.where(inside, gt, IGNORE)
   intersection, union = metrics.intersection_union(logits > 0, gt, jnp)
   return metrics.sums(intersection, union, valid, jnp)
 
@@ -87,9 +89,11 @@ def stats_at_original(
     gt = np.asarray(masks[k])
     if gt.shape != tuple(original_hw[k]):
       raise ValueError(f"{name}: mask shape {gt.shape}, recorded original size {original_hw[k]}")
-    bad = (gt != 0) & (gt != metrics.FOREGROUND) & (gt != metrics.IGNORE)
+    bad = ~np.isin(gt, MASK_VALUES)
     if bad.any():
-      raise ValueError(f"{name}: mask values must be 0, 1 or 255, found {np.unique(gt[bad])}")
+      raise ValueError(
+        f"{name}: mask values must be one of {MASK_VALUES}, found {np.unique(gt[bad])}"
+      )
     pred = resize.undo_resize(logits[k], original_hw[k], resized_hw[k]) > 0
     intersection[k], union[k] = metrics.intersection_union(pred, gt)
   return intersection, union

@@ -13,6 +13,7 @@ from collections.abc import Mapping, Sequence
 import numpy as np
 from PIL import Image
 
+from genmask_jax.data import masks
 from genmask_jax.evaluation import metrics
 from genmask_jax.runtime import fileio
 
@@ -23,18 +24,21 @@ ALPHA = 0.5
 Results = Mapping[str, Mapping[str, float]]
 
 
+UNITS = "gIoU (= mIoU), cIoU (= oIoU), Prec@t: fractions in [0, 1], as in results.json"
+
+
 def format_table(results: Results) -> str:
-  """One row per split; metrics in percent (gIoU = mIoU, cIoU = oIoU)."""
+  """A line naming the unit, a header and one row per split."""
   width = max([len("split")] + [len(s) for s in results])
-  lines = ["  ".join([f"{'split':<{width}}"] + [f"{c:>9}" for c in COLUMNS])]
+  lines = [UNITS, "  ".join([f"{'split':<{width}}"] + [f"{c:>9}" for c in COLUMNS])]
   for split, r in results.items():
-    cells = [f"{int(r['samples']):>9d}"] + [f"{100 * r[c]:>9.2f}" for c in COLUMNS[1:]]
+    cells = [f"{int(r['samples']):>9d}"] + [f"{r[c]:>9.4f}" for c in COLUMNS[1:]]
     lines.append("  ".join([f"{split:<{width}}"] + cells))
   return "\n".join(lines)
 
 
 def write_results(results: Results, path: str) -> None:
-  """Writes the results as JSON (fractions, not percent) and prints the table."""
+  """Writes the results as JSON and prints them as a table, both in fractions."""
   fileio.makedirs(os.path.dirname(path) or ".")
   fileio.write_json(path, {split: dict(r) for split, r in results.items()}, indent=2)
   print(format_table(results))
@@ -67,8 +71,8 @@ def overlay_row(
       f"image {image.shape[:2]}, truth {truth.shape} and prediction {prediction.shape} "
       "must share one (h, w)"
     )
-  painted_truth = paint(image, truth == metrics.FOREGROUND, TRUTH_RGB)
-  painted_truth = paint(painted_truth, truth == metrics.IGNORE, IGNORE_RGB)
+  painted_truth = paint(image, truth == masks.FOREGROUND, TRUTH_RGB)
+  painted_truth = paint(painted_truth, truth == masks.IGNORE, IGNORE_RGB)
   painted_prediction = paint(image, prediction.astype(bool), PREDICTION_RGB)
   tiles = [
     _letterbox(x, tile, Image.Resampling.NEAREST) for x in (painted_truth, painted_prediction)

@@ -1,7 +1,7 @@
 """Queries to an opened run (`run.py`): masks for images and texts, images for captions.
 
 A query is a sample record (genmask_jax/data/records.py) with the VLM hidden states of its
-text: the element `pipeline.preprocess` turns into a model input, so images are decoded,
+text: the element `data/preprocess.example` turns into a model input, so images are decoded,
 resized and padded, and texts padded to `config.data.text_len`, exactly as in training and
 evaluation. Queries come from a sample store or from the caller; a caller's query has no ground
 truth, so its record holds a placeholder target: an all-ignore mask (segmentation) or a black
@@ -21,7 +21,7 @@ import jax
 import ml_collections
 import numpy as np
 
-from genmask_jax.data import pipeline, records
+from genmask_jax.data import masks, preprocess, records
 from genmask_jax.data.features import (
   STORE_DTYPES,
   FeatureError,
@@ -29,7 +29,7 @@ from genmask_jax.data.features import (
   FeatureReader,
   check_meta,
 )
-from genmask_jax.evaluation import metrics, resize
+from genmask_jax.evaluation import resize
 from genmask_jax.inference import model as inference
 from genmask_jax.inference.run import Run, RunConfig
 from genmask_jax.runtime import fileio, sharding
@@ -63,7 +63,7 @@ def segmentation_record(path: str, text: str) -> Sample:
     image=data,
     text=text,
     source={"path": path},
-    mask=np.full((height, width), metrics.IGNORE, np.uint8),
+    mask=np.full((height, width), masks.IGNORE, np.uint8),
   )
 
 
@@ -158,13 +158,13 @@ def vlm_features(
 def examples(
   run: RunConfig, samples: Sequence[Sample], hidden: Sequence[np.ndarray], resolution: int
 ) -> list[dict]:
-  """The model inputs of the queries, preprocessed by the training pipeline."""
+  """The model inputs of the queries, preprocessed as the training pipeline does."""
   data = run.config.data
   out = []
   for sample, h in zip(samples, hidden, strict=True):
     try:
       out.append(
-        pipeline.preprocess(
+        preprocess.example(
           {"sample": sample, "hidden": h},
           resolution=resolution,
           text_len=data.text_len,

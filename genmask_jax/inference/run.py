@@ -4,7 +4,8 @@
   config  the resolved config the run trains with (`config.to_dict()`)
   vae     the frozen VAE's identity: `weights` (the converted folder, "" for a random
           initialization), `random_init_seed` (that initialization's seed, else null) and
-          `fingerprint` (data/latents.vae_fingerprint: settings, latent statistics, parameters)
+          `fingerprint` (data/encode_latents.vae_fingerprint: settings, latent statistics,
+          parameters)
   vlm     what the text features were computed with: `encoder_model_id`, `prompt_template`,
           `image_policy` (vlm/image_policy.py, from the training feature stores) and
           `store_dtype` (their precision, which in-process features are rounded to as well)
@@ -34,7 +35,7 @@ from absl import app, flags, logging
 from flax import linen as nn
 from ml_collections import config_flags
 
-from genmask_jax.data import latents
+from genmask_jax.data import encode_latents
 from genmask_jax.data.features import FeatureReader
 from genmask_jax.data.records import TASKS
 from genmask_jax.inference import model as inference
@@ -342,7 +343,7 @@ def load(spec: RunConfig, devices: Sequence[jax.Device] | None = None) -> Run:
   with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
     params, vae_params = inference.restore_params(config, workdir, models, mesh, rules)
   if record is not None:
-    fingerprint = latents.vae_fingerprint(models.vae, vae_params)
+    fingerprint = encode_latents.vae_fingerprint(models.vae, vae_params)
     if not check_vae(record, config, fingerprint, workdir):
       logging.warning(
         "run %s was made before runs recorded their VAE: using %s from its config, unverified",

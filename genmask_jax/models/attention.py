@@ -18,20 +18,10 @@ import jax.numpy as jnp
 from jax.ad_checkpoint import checkpoint_name
 from jax.experimental.pallas.ops.tpu import splash_attention as splash
 
+from genmask_jax.models.splash_tiles import SPLASH_BLOCK_SIZES
+
 CHECKPOINT_NAME = "attention_out"
 
-# Pallas splash attention tiles (fields of `splash.BlockSizes`); tiles longer than a sequence
-# shrink to it, rounded up to whole 128-lane vregs.
-SPLASH_BLOCK_SIZES = dict(
-  block_q=512,
-  block_kv=512,
-  block_kv_compute=512,
-  block_q_dkv=512,
-  block_kv_dkv=512,
-  block_kv_dkv_compute=512,
-  block_q_dq=512,
-  block_kv_dq=512,
-)
 _LANES = 128
 # Logical axes of q / k / v and of the key mask (see genmask_jax.runtime.sharding).
 _QKV_AXES = ("activation_batch", "activation_length", "activation_heads", None)

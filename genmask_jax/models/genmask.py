@@ -47,21 +47,23 @@ class Models:
     return self.dit.apply({"params": params}, x, t, context, context_mask, cond)
 
   def encode(self, vae_params, images: jax.Array) -> jax.Array:
-    """Frozen VAE encoding of (B, H, W, 3) images to (B, 1, H/8, W/8, 16) latents."""
+    """Frozen VAE encoding of (B, H, W, 3) images to (B, 1, H/s, W/s, z_dim) latents, s the
+    VAE's spatial stride."""
     latents = self.vae.apply({"params": vae_params}, images, method=WanVAE.encode)
     return jax.lax.stop_gradient(latents[:, None])
 
-  def decode(self, vae_params, latents: jax.Array) -> jax.Array:
-    """(B, h, w, 16) latents to (B, 8h, 8w, 3) images in [-1, 1]."""
-    return self.vae.apply({"params": vae_params}, latents, method=WanVAE.decode)
+  def decode(self, vae_params, latents: jax.Array, clip: bool = True) -> jax.Array:
+    """(B, h, w, z_dim) latents to (B, s h, s w, 3) images in [-1, 1] (unbounded if not `clip`)."""
+    return self.vae.apply({"params": vae_params}, latents, clip, method=WanVAE.decode)
 
   def vae_mask_logits(self, vae_params, latents: jax.Array) -> jax.Array:
-    return image_to_mask_logits(self.decode(vae_params, latents))
+    return image_to_mask_logits(self.decode(vae_params, latents, clip=False))
 
   def init_params(self, rng: jax.Array) -> dict:
     """Random trainable parameters, boxed with logical axis names."""
     rng_dit, rng_head = jax.random.split(rng)
-    latent = jnp.zeros((1, 1, 2 * self.dit.patch_size[1], 2 * self.dit.patch_size[2], 16))
+    _, ph, pw = self.dit.patch_size
+    latent = jnp.zeros((1, 1, 2 * ph, 2 * pw, self.vae.z_dim))
     context = jnp.zeros((1, 1, self.dit.text_dim))
     params = {"dit": self.dit.init(rng_dit, latent, jnp.zeros((1,)), context)["params"]}
     if self.mask_head is not None:

@@ -215,12 +215,14 @@ class WanVAE(nn.Module):
     mean, std = self._stats()
     return (mu - mean) / std
 
-  def decode(self, latents: jax.Array) -> jax.Array:
-    """Normalized latents (B, h, w, z_dim) -> images (B, s h, s w, 3) clipped to [-1, 1], fp32."""
+  def decode(self, latents: jax.Array, clip: bool = True) -> jax.Array:
+    """Normalized latents (B, h, w, z_dim) -> images (B, s h, s w, 3), fp32, clipped to
+    [-1, 1] unless `clip` is False (mask logits need the values beyond, and their gradient)."""
     _check_shape(latents, "latents", self.z_dim)
     mean, std = self._stats()
     z = (latents.astype(f32) * std + mean).astype(jnp.dtype(self.dtype))
-    return jnp.clip(self.decoder(self.post_quant_conv(z)).astype(f32), -1.0, 1.0)
+    image = self.decoder(self.post_quant_conv(z)).astype(f32)
+    return jnp.clip(image, -1.0, 1.0) if clip else image
 
   def __call__(self, images: jax.Array) -> jax.Array:
     return self.decode(self.encode(images))

@@ -23,7 +23,7 @@ from absl import logging
 from flax import struct
 
 from genmask_jax.conversion import weights
-from genmask_jax.data import latents
+from genmask_jax.data import encode_latents, latents
 from genmask_jax.data.masks import mask_to_image
 from genmask_jax.data.records import TASKS
 from genmask_jax.diffusion import losses, tasks
@@ -98,7 +98,7 @@ def initial_train_state(models, config, optimizer, mesh, rules) -> TrainState:
 
 
 def encode_batch(models: Models, vae_params, sub_batch: dict, task: int) -> dict:
-  """A data sub-batch as the loss sees it: clean latents, task ids, text, condition latents."""
+  """A data sub-batch as the loss sees it: clean latents, text, condition latents."""
 
   def clean_latents(name: str) -> jax.Array:  # Of "image" or "mask": stored, or encoded here.
     if f"{name}_latents" in sub_batch:
@@ -106,12 +106,7 @@ def encode_batch(models: Models, vae_params, sub_batch: dict, task: int) -> dict
     pixels = sub_batch[name]
     return models.encode(vae_params, mask_to_image(pixels) if name == "mask" else pixels)
 
-  n = sub_batch["text"].shape[0]
-  out = {
-    "task": jnp.full((n,), task, jnp.int32),
-    "context": sub_batch["text"],
-    "context_mask": sub_batch["text_mask"],
-  }
+  out = {"context": sub_batch["text"], "context_mask": sub_batch["text_mask"]}
   if task == tasks.SEGMENTATION:
     out["latents"] = clean_latents("mask")
     out["mask"] = sub_batch["mask"]
@@ -148,15 +143,10 @@ def train_step(
   def total_loss(params):
     total, count, metrics = 0.0, 0, {}
     for sub_batch, task in encoded:
-      n = sub_batch["task"].shape[0]
-      loss, m = loss_fn(
-        params,
-        sub_batch,
-        jax.random.fold_in(rng, task),
-        has_segmentation=task == tasks.SEGMENTATION,
-      )
+      n = sub_batch["latents"].shape[0]
+      loss = loss_fn(params, sub_batch, jax.random.fold_in(rng, task), task=task)
       total, count = total + loss * n, count + n
-      metrics[f"loss/{tasks.NAMES[task]}"] = m[f"loss/{tasks.NAMES[task]}"]
+      metrics[f"loss/{tasks.NAMES[task]}"] = loss
     return total / count, metrics
 
   (loss, metrics), grads = jax.value_and_grad(total_loss, has_aux=True)(state.params)
@@ -258,7 +248,7 @@ def train(
       logging.info("resuming from step %d", latest)
       state = ckpt.restore(latest, abstract, batches)
     frozen_vae = frozen_vae_params(models, config, mesh, rules)
-    fingerprint = latents.vae_fingerprint(models.vae, frozen_vae)
+    fingerprint = encode_latents.vae_fingerprint(models.vae, frozen_vae)
     if recorded is not None:
       run.check_vae(recorded, config, fingerprint, workdir)
     check_latent_stores(config, fingerprint)
@@ -268,7 +258,13 @@ def train(
     step_fn = compile_train_step(models, config, optimizer, shardings, mesh)
     rng = jax.random.key(config.seed + 2)
     tasks = 1 + bool(config.data.generation.sources)
-    samples_per_step = tasks * config.data.segmentation.batch_size * jax.process_count()
+    samples_per_step = tasks * config.data.segmentation.global_batch_size
+    logging.info(
+      "global batch: %d samples per step (%d per task, %d processes)",
+      samples_per_step,
+      config.data.segmentation.global_batch_size,
+      jax.process_count(),
+    )
     writer = MetricWriter(workdir, config.total_steps, samples_per_step, config.log_every)
     first_step = int(state.step) + 1
     # The host never waits for a step: metrics stay on the device until a log, evaluation or

@@ -15,7 +15,7 @@ from collections.abc import Iterator, Sequence
 import cv2
 import numpy as np
 
-from genmask_jax.data import records
+from genmask_jax.data import masks, records
 
 TEXTS = ("all", "first")  # Every query of an image, or the first (the evaluation protocol).
 
@@ -35,7 +35,7 @@ def rasterize_shapes(shapes: Sequence[dict], height: int, width: int) -> np.ndar
   mask = np.zeros((height, width), np.uint8)
   for i in np.argsort(areas, kind="stable")[::-1]:
     label, points = polygons[i]
-    value = 255 if "ignore" in label.lower() else 1
+    value = masks.IGNORE if "ignore" in label.lower() else masks.FOREGROUND
     cv2.polylines(mask, points, True, value, 1)
     cv2.fillPoly(mask, points, value)
   return mask

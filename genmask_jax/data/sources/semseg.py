@@ -24,7 +24,9 @@ from absl import logging
 from genmask_jax.data import records
 from genmask_jax.data.sources.coco import rasterize
 
-IGNORE = 255
+# The class id of unlabeled pixels in class maps (COCO-Stuff's own value); binary masks drawn
+# from a class map hold 0 there, so it is no mask value (data/masks.py).
+UNLABELED = 255
 ADE20K_SPLITS = ("training", "validation")
 ADE20K_NUM_CLASSES = 150
 COCOSTUFF_NUM_CLASSES = 182
@@ -67,18 +69,18 @@ def cocostuff_class_names(path: str) -> list[str]:
 
 def ade20k_classes(label: np.ndarray) -> np.ndarray:
   """ADE20K label map -> class map: 0 (other) is ignored, class k is stored as k + 1."""
-  return np.where(label == 0, IGNORE, label.astype(np.int32) - 1).astype(np.uint8)
+  return np.where(label == 0, UNLABELED, label.astype(np.int32) - 1).astype(np.uint8)
 
 
 def cocostuff_classes(names: Sequence[str]) -> Callable[[np.ndarray], np.ndarray]:
   """COCO-Stuff label map -> class map; the '-' classes (wall-other, ...) are ignored."""
-  lut = np.full(256, IGNORE, np.uint8)
+  lut = np.full(256, UNLABELED, np.uint8)
   for i, name in enumerate(names):
     if "-" not in name:
       lut[i] = i
 
   def classes(label: np.ndarray) -> np.ndarray:
-    bad = np.setdiff1d(np.unique(label), [*range(len(names)), IGNORE])
+    bad = np.setdiff1d(np.unique(label), [*range(len(names)), UNLABELED])
     if bad.size:
       raise records.RecordError(f"label values {bad.tolist()} are not COCO-Stuff classes")
     return lut[label]
@@ -121,7 +123,7 @@ def label_map_samples(
       classes = to_classes(label)
     except records.RecordError as e:
       raise records.RecordError(f"{label_path}: {e}") from e
-    present = [c for c in np.unique(classes).tolist() if c != IGNORE]
+    present = [c for c in np.unique(classes).tolist() if c != UNLABELED]
     if not present:
       logging.warning("%s: no labelled class, no sample", label_path)
       continue

@@ -1,0 +1,274 @@
+"""The store protocol (genmask_jax/data/store.py): completion, whole shards, alignment by index,
+and stores of the layouts before it (refused with the upgrade command, then upgraded in place)."""
+
+import dataclasses
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from genmask_jax.data import encode_latents, features, latents, pipeline, records, store, synthetic
+from genmask_jax.data.features import FeatureItem, FeatureMeta, FeatureReader, FeatureWriter
+from genmask_jax.data.store import StoreError, StoreLayout
+from genmask_jax.vlm.prompts import prompt_template
+from launch import upgrade_store
+
+MODEL, HIDDEN, SIZE = "enc", 4, 16
+
+
+def _samples(path, n=10, shard_size=4) -> str:
+  with records.RecordWriter(str(path), shard_size, info={"by": "test"}) as writer:
+    for sample in synthetic.samples("train", n, image_size=SIZE):
+      writer.write(sample)
+  return str(path)
+
+
+def _hidden(i: int) -> np.ndarray:
+  return np.full((1 + i % 3, HIDDEN), i, np.float32)
+
+
+def _features(path, ids, num_workers=2, shard_size=2, workers=None) -> str:
+  meta = FeatureMeta(MODEL, prompt_template(), "float16", HIDDEN)
+  layout = StoreLayout(len(ids), num_workers, shard_size)
+  for w in range(num_workers) if workers is None else workers:
+    writer = FeatureWriter(str(path), meta, layout, w)
+    for shard, start, stop in writer.pending_shards():
+      writer.write_shard(shard, [FeatureItem(ids[i], "t", _hidden(i)) for i in range(start, stop)])
+    writer.finalize()
+  return str(path)
+
+
+def _pooled(images: np.ndarray) -> np.ndarray:
+  b, r = images.shape[:2]
+  return np.tile(images.reshape(b, r // 4, 4, r // 4, 4, 3).mean((2, 4)), (1, 1, 1, 2))
+
+
+@pytest.fixture(scope="module")
+def samples(tmp_path_factory):
+  return _samples(tmp_path_factory.mktemp("samples"))
+
+
+def test_metadata_names_kind_version_layout_and_what_rows_were_computed_with(samples, tmp_path):
+  _features(tmp_path / "f", records.RecordReader(samples).ids())
+  with open(tmp_path / "f" / store.META_FILE) as f:
+    meta = json.load(f)
+  assert meta == {
+    "kind": "features",
+    "format_version": store.FORMAT_VERSION,
+    "layout": {"num_samples": 10, "num_workers": 2, "shard_size": 2},
+    "meta": dataclasses.asdict(FeatureMeta(MODEL, prompt_template(), "float16", HIDDEN)),
+  }
+  reader = records.RecordReader(samples)
+  assert reader.layout == StoreLayout(10, 1, 4) and reader.meta.info == {"by": "test"}
+  assert reader.meta.tasks == {"segmentation": 10}
+  with pytest.raises(StoreError, match=f"{tmp_path / 'f'}: a features store, expected records"):
+    records.RecordReader(str(tmp_path / "f"))
+
+
+def test_a_store_is_complete_only_once_every_worker_has_finalized(samples, tmp_path):
+  ids, out = records.RecordReader(samples).ids(), str(tmp_path / "f")
+  assert not store.is_complete(out)  # Not even started.
+  _features(out, ids, num_workers=3, workers=[0, 2])
+  # Every shard of workers 0 and 2, and none of worker 1: not complete, and not readable.
+  assert not store.is_complete(out)
+  assert store.written_rows(out, features.KIND, StoreLayout(10, 3, 2)) == 3 + 4
+  with pytest.raises(StoreError, match=rf"{out}: incomplete, workers \[1\] of 3 .*precompute_vlm"):
+    FeatureReader(out)
+  # Worker 1's shards, but not its part (killed before finalize): still not complete.
+  meta = FeatureMeta(MODEL, prompt_template(), "float16", HIDDEN)
+  writer = FeatureWriter(out, meta, StoreLayout(10, 3, 2), 1)
+  for shard, start, stop in writer.pending_shards():
+    writer.write_shard(shard, [FeatureItem(ids[i], "t", _hidden(i)) for i in range(start, stop)])
+  assert not writer.pending_shards() and not store.is_complete(out)
+  assert writer.finalize() and store.is_complete(out)
+  reader = FeatureReader(out)
+  assert reader.ids() == ids and reader.meta.hidden_size == HIDDEN
+  for i in range(10):
+    np.testing.assert_array_equal(reader[i].hidden, _hidden(i))
+
+
+def test_a_half_written_shard_is_never_visible(samples, tmp_path):
+  ids, out = records.RecordReader(samples).ids(), str(tmp_path / "f")
+  meta = FeatureMeta(MODEL, prompt_template(), "float16", HIDDEN)
+  writer = FeatureWriter(out, meta, StoreLayout(10, 1, 4), 0)
+
+  def crash(local: dict[str, str]) -> None:
+    with open(local["features"], "wb") as f:
+      f.write(b"half a shard")
+    raise KeyboardInterrupt("killed while writing")
+
+  with pytest.raises(KeyboardInterrupt):
+    writer.publish_shard(0, ids[:4], crash)
+  assert sorted(os.listdir(out)) == [store.META_FILE]  # No shard, no temp file.
+  # Its file published but not yet its ids (killed in between): the shard still counts as missing.
+  open(os.path.join(out, "features-00000-of-00001-00001.array_record"), "wb").close()
+  assert [s for s, _, _ in writer.pending_shards()] == [0, 1, 2] and not writer.finalize()
+  writer.write_shard(1, [FeatureItem(ids[i], "t", _hidden(i)) for i in range(4, 8)])
+  assert [s for s, _, _ in writer.pending_shards()] == [0, 2]
+
+
+def test_a_writer_refuses_another_workers_count_or_encoder(samples, tmp_path):
+  ids = records.RecordReader(samples).ids()
+  out = _features(tmp_path / "f", ids)
+  with pytest.raises(StoreError, match="was started with .*num_workers=2.*num_workers=3"):
+    _features(out, ids, num_workers=3)
+  with pytest.raises(StoreError, match="worker index 2 outside"):
+    FeatureWriter(
+      out, FeatureMeta(MODEL, prompt_template(), "float16", HIDDEN), StoreLayout(10, 2, 2), 2
+    )
+
+
+def test_rows_are_joined_by_index_and_misaligned_ids_are_named(samples, tmp_path):
+  ids = records.RecordReader(samples).ids()
+  join = lambda f: pipeline.JoinedSource(
+    samples, f, task="segmentation", model_id=MODEL, template=prompt_template()
+  )
+  joined = join(_features(tmp_path / "good", ids))
+  assert [int(joined[i]["hidden"][0, 0]) for i in range(10)] == list(range(10))
+
+  swapped = ids[:3] + [ids[4], ids[3]] + ids[5:]
+  out = _features(tmp_path / "swapped", swapped)
+  with pytest.raises(StoreError, match=rf"{out}: no features for sample {ids[3]!r} \(index 3\)"):
+    join(out)
+  out = _features(tmp_path / "short", ids[:7])
+  with pytest.raises(StoreError, match=rf"{out}: .*\(index 7\).*\(it ends at row 7\)"):
+    join(out)
+  out = _features(tmp_path / "long", ids + ["extra"])
+  with pytest.raises(StoreError, match=rf"{out}: 11 rows for the 10 samples of {samples}"):
+    join(out)
+
+
+def test_latents_are_rows_of_the_same_protocol(samples, tmp_path):
+  out = str(tmp_path / "l")
+  kwargs = dict(vae="v", resolution=SIZE, num_workers=2, batch_size=3)
+  assert not encode_latents.encode_store(_pooled, samples, out, worker_index=1, **kwargs)
+  assert not store.is_complete(out)
+  assert encode_latents.encode_store(_pooled, samples, out, worker_index=0, **kwargs)
+  assert store.is_complete(out)
+  reader = latents.LatentReader(out)
+  assert reader.layout == StoreLayout(10, 2, latents.SHARD_SIZE)
+  assert [sorted(s.files) for s in reader.shards] == [["image", "mask"]] * 2
+  store.check_aligned(reader, records.RecordReader(samples))
+
+
+def _to_old_records(path: str) -> None:
+  """The sample store of the layout before store.json, from one of today's."""
+  reader = records.RecordReader(path)
+  shards = []
+  for k, shard in enumerate(reader.shards):
+    os.rename(reader.file(k, "records"), os.path.join(path, f"records-{k:05d}.array_record"))
+    shards.append({"file": f"records-{k:05d}.array_record", "num_records": len(shard.ids)})
+  meta = dict(num_records=len(reader), shards=shards, tasks=reader.meta.tasks, info={})
+  _drop_new_metadata(path)
+  _write(path, "ids.json", reader.ids())
+  _write(path, "meta.json", dict(meta, format_version=1))
+
+
+def _to_old_features(path: str) -> None:
+  reader = FeatureReader(path)
+  manifest = [{"file": s.files["features"], "ids": s.ids} for s in reader.shards]
+  meta = dict(dataclasses.asdict(reader.meta), format_version=1)
+  _drop_new_metadata(path, keep_ids=True)  # The shards' .ids.json were the same.
+  _write(path, "meta.json", {"meta": meta, "layout": dataclasses.asdict(reader.layout)})
+  _write(path, "manifest.json", {"shards": manifest})
+
+
+def _to_old_latents(path: str) -> None:
+  reader = latents.LatentReader(path)
+  n = reader.layout.num_workers
+  for w, shard in enumerate(reader.shards):  # One shard a worker.
+    for role in shard.files:
+      os.rename(reader.file(w, role), os.path.join(path, f"{role}-{w:05d}-of-{n:05d}.npy"))
+    _write(path, f"ids-{w:05d}-of-{n:05d}.json", shard.ids)
+  meta = dict(dataclasses.asdict(reader.meta), num_samples=len(reader), num_workers=n)
+  _drop_new_metadata(path)
+  _write(path, "meta.json", dict(meta, format_version=1))
+
+
+def _drop_new_metadata(path: str, keep_ids: bool = False) -> None:
+  for name in os.listdir(path):
+    if name in (store.META_FILE,) or name.startswith("part-"):
+      os.remove(os.path.join(path, name))
+    elif name.endswith(store.IDS_SUFFIX) and not keep_ids:
+      os.remove(os.path.join(path, name))
+
+
+def _write(path: str, name: str, obj) -> None:
+  with open(os.path.join(path, name), "w") as f:
+    json.dump(obj, f)
+
+
+def test_old_stores_are_refused_with_the_upgrade_command_then_upgraded_in_place(tmp_path):
+  samples = _samples(tmp_path / "samples")
+  ids = records.RecordReader(samples).ids()
+  feats = _features(tmp_path / "features", ids)
+  lats = str(tmp_path / "latents")
+  for w in (0, 1):
+    encode_latents.encode_store(
+      _pooled, samples, lats, vae="v", resolution=SIZE, worker_index=w, num_workers=2
+    )
+  readers = {samples: records.RecordReader, feats: FeatureReader, lats: latents.LatentReader}
+  before = {
+    samples: list(records.RecordReader(samples)),
+    feats: [FeatureReader(feats)[i].hidden for i in range(10)],
+    lats: [latents.LatentReader(lats)[i]["mask_latents"] for i in range(10)],
+  }
+  _to_old_records(samples)
+  _to_old_features(feats)
+  _to_old_latents(lats)
+  for path, reader in readers.items():
+    upgrade = rf"{path}: a store of the layout before store.json; upgrade it in place with: "
+    with pytest.raises(StoreError, match=upgrade + rf"python -m launch.upgrade_store {path}$"):
+      store.is_complete(path)
+    with pytest.raises(StoreError, match=upgrade):
+      reader(path)
+
+  result = subprocess.run(
+    [sys.executable, "-m", "launch.upgrade_store", samples, feats, lats],
+    capture_output=True,
+    text=True,
+    timeout=300,
+  )
+  assert result.returncode == 0, result.stderr[-3000:]
+  assert f"{lats}: latents store of 10 samples, upgraded" in result.stdout
+  for path in readers:
+    assert store.is_complete(path) and "meta.json" not in os.listdir(path)
+  assert list(records.RecordReader(samples)) == before[samples]
+  assert "records-00001.array_record" in os.listdir(samples)  # Not moved: named by the part.
+  for i in range(10):
+    np.testing.assert_array_equal(FeatureReader(feats)[i].hidden, before[feats][i])
+    np.testing.assert_array_equal(latents.LatentReader(lats)[i]["mask_latents"], before[lats][i])
+  store.check_aligned(FeatureReader(feats), records.RecordReader(samples))
+  # An upgraded sample store is overwritten like any other.
+  with records.RecordWriter(samples, 4, overwrite=True) as writer:
+    writer.write(before[samples][0])
+  assert records.RecordReader(samples).ids() == [ids[0]]
+  assert "records-00001.array_record" not in os.listdir(samples)
+
+
+def test_an_unfinished_old_feature_store_is_upgraded_and_resumed(samples, tmp_path):
+  ids = records.RecordReader(samples).ids()
+  out = _features(tmp_path / "f", ids)
+  _to_old_features(out)
+  os.remove(os.path.join(out, "manifest.json"))  # Worker 1 never finished ...
+  os.remove(os.path.join(out, "features-00001-of-00002-00002.array_record"))  # ... its last shard.
+  assert "unfinished feature store" in upgrade_store.upgrade(out)
+  assert not store.is_complete(out)
+  _features(out, ids)  # The same command resumes it.
+  reader = FeatureReader(out)
+  assert reader.ids() == ids and int(reader[9].hidden[0, 0]) == 9
+
+
+def test_an_unfinished_old_latent_store_is_named_for_removal(samples, tmp_path):
+  out = str(tmp_path / "l")
+  for w in (0, 1):
+    encode_latents.encode_store(
+      _pooled, samples, out, vae="v", resolution=SIZE, worker_index=w, num_workers=2
+    )
+  _to_old_latents(out)
+  os.remove(os.path.join(out, "ids-00001-of-00002.json"))
+  with pytest.raises(StoreError, match=r"unfinished latent store .*workers \[1\] of 2.*remove it"):
+    upgrade_store.upgrade(out)
