@@ -60,6 +60,7 @@ _IMAGE_RESIZE = flags.DEFINE_integer(
 _REASONING = flags.DEFINE_bool("reasoning", False, "Rewrite segmentation queries first.")
 _MAX_NEW_TOKENS = flags.DEFINE_integer("max_new_tokens", 32, "Rewrite length cap.")
 _FANOUT = fanout.define_flags()
+flags.adopt_module_key_flags(fanout)  # --help lists --gpus and its flags too.
 
 
 _image = encode.sample_image  # A record's image as the VLM sees it (tests, benchmarks).
