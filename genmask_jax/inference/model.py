@@ -8,6 +8,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import ml_collections
+from absl import logging
 
 from genmask_jax.conversion import weights
 from genmask_jax.diffusion import generate, segment
@@ -30,9 +31,11 @@ def restore_params(config: ml_collections.ConfigDict, workdir: str, models: Mode
   params = None
   if fileio.isdir(directory):
     ckpt = checkpointing.TrainCheckpoints(directory, keep=1, every=1, async_save=False)
-    if ckpt.latest_step() is not None:
+    step = ckpt.latest_step()
+    if step is not None:
       item = "ema_params" if config.optimizer.get("ema_decay", 0.0) else "params"
-      params = ckpt.restore_params(ckpt.latest_step(), abstract, item)
+      params = ckpt.restore_params(step, abstract, item)
+      logging.info("model: %s of step %d under %s", item, step, directory)
     ckpt.close()
   if params is None:
     if not config.init.weights or models.mask_head is not None:
@@ -41,6 +44,7 @@ def restore_params(config: ml_collections.ConfigDict, workdir: str, models: Mode
         "(config.init.weights) to run the model with"
       )
     params = {"dit": weights.restore(config.init.weights, "dit", abstract["dit"])}
+    logging.info("model: converted weights %s (no training checkpoint)", config.init.weights)
   return params, frozen_vae_params(models, config, mesh, rules)
 
 

@@ -249,6 +249,8 @@ def train(
       state = ckpt.restore(latest, abstract, batches)
     frozen_vae = frozen_vae_params(models, config, mesh, rules)
     fingerprint = encode_latents.vae_fingerprint(models.vae, frozen_vae)
+    vae = run.describe_vae(run.vae_identity(config, fingerprint))
+    logging.info("frozen VAE: %s (fingerprint %s)", vae, fingerprint[:12])
     if recorded is not None:
       run.check_vae(recorded, config, fingerprint, workdir)
     check_latent_stores(config, fingerprint)
