@@ -253,7 +253,11 @@ def test_feature_mismatches_are_errors_naming_the_store_or_sample(stores, tmp_pa
   ids = records.RecordReader(stores["seg"]).ids()
   cases = [
     (dict(ids=ids[:5] + ["seg/other"] + ids[6:]), "no features for sample 'seg/5'"),
-    (dict(model="another-vlm"), "encoded by model 'another-vlm', expected 'tiny-qwen'"),
+    (  # Both ways out: re-encode, or declare the store's encoder the intended one.
+      dict(model="another-vlm"),
+      "encoded by model 'another-vlm', expected 'tiny-qwen': re-run launch/precompute_vlm.py "
+      "with 'tiny-qwen', or, .* set --config.data.encoder_model_id=another-vlm",
+    ),
     (dict(template="Segment {target}."), "prompt template 'Segment {target}.'"),
   ]
   for k, (kwargs, message) in enumerate(cases):

@@ -51,7 +51,8 @@ def check_meta(meta: FeatureMeta, model_id: str, prompt_template: str) -> None:
   if meta.model_id != model_id:
     raise StoreError(
       f"feature store was encoded by model {meta.model_id!r}, expected {model_id!r}: "
-      "re-run launch/precompute_vlm.py with the expected encoder"
+      f"re-run launch/precompute_vlm.py with {model_id!r}, or, if {meta.model_id!r} is the "
+      f"encoder you mean to use, set --config.data.encoder_model_id={meta.model_id}"
     )
   if meta.prompt_template != prompt_template:
     raise StoreError(
