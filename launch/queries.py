@@ -24,7 +24,11 @@ WORKDIR = flags.DEFINE_string(
   "workdir", None, "Training workdir: its config and latest checkpoint.", required=True
 )
 _RECORDS = flags.DEFINE_string("records", None, "Sample store holding the --sample_id samples.")
-_SAMPLE_ID = flags.DEFINE_multi_string("sample_id", [], "A sample of --records; repeatable.")
+_SAMPLE_ID = flags.DEFINE_multi_string(
+  "sample_id",
+  [],
+  "A sample of --records; repeatable (a run's eval/<split>_per_sample.json lists ids).",
+)
 _FEATURES = flags.DEFINE_string("features", None, "Feature store of --records (precomputed).")
 _VLM = flags.DEFINE_string("vlm", None, "Qwen2.5-VL directory: encode the texts in-process.")
 _VLM_MODEL_ID = flags.DEFINE_string("vlm_model_id", None, "Encoder name; default: --vlm's name.")

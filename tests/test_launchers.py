@@ -388,3 +388,17 @@ def test_bad_flags_are_refused_with_the_reason(module, argv, message, capsys):
   with pytest.raises(SystemExit):
     module.main(argv + ["--dry_run"])
   assert message in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("module", ["launch.predict", "launch.generate"])
+def test_help_lists_the_shared_flags_once(module):
+  """--help, not only --helpfull, shows the flags predict and generate share (launch/queries.py)."""
+  result = subprocess.run(
+    [sys.executable, "-m", module, "--help"], capture_output=True, text=True, timeout=120
+  )
+  flag_lines = [
+    line.strip() for line in result.stdout.splitlines() if line.strip().startswith("--")
+  ]
+  for flag in ("--workdir", "--vlm", "--records", "--features", "--sample_id", "--out"):
+    assert any(line.startswith(f"{flag}:") for line in flag_lines), flag
+  assert len(flag_lines) == len(set(flag_lines))  # No flag printed twice.
