@@ -1,7 +1,7 @@
 r"""The paper's ablations at toy scale on the synthetic set: one row per variant and seed.
 
   python -m benchmarks.ablations --workdir=runs/demo [--steps=N] [--seeds=0,1] \
-      [--only="s=0.1,s=0.5"]
+      [--only=s=0.1,no_generation_data_same_compute]
 
 Reuses (or makes) the demo's data, VLM features and frozen VAE under --workdir, trains each
 variant of configs/demo.py with each seed (`config.seed`: data order, initialization, noise) for
@@ -27,7 +27,7 @@ from genmask_jax.training import train
 from launch import demo
 
 _STEPS = flags.DEFINE_integer("steps", 0, "Training steps per variant (0: the demo's).")
-_ONLY = flags.DEFINE_list("only", [], "Variants to run (default: all).")
+_ONLY = flags.DEFINE_list("only", [], "Variants to run, by slug (default: all); see --helpfull.")
 _SEEDS = flags.DEFINE_list("seeds", ["0", "1"], "config.seed of each run of a variant.")
 
 # name -> config overrides (dotted path -> value); the first row is the paper's setting.
@@ -51,6 +51,11 @@ VARIANTS = {
 }
 
 
+def slug(name: str) -> str:
+  """The variant's directory name and --only key: `no_generation_data_same_compute`."""
+  return name.split(" (")[0].replace(",", "").replace(" ", "_")
+
+
 def run_variant(
   name: str, overrides: dict, workdir: str, steps: int, seed: int
 ) -> dict[str, float]:
@@ -64,8 +69,7 @@ def run_variant(
       for p in parents:
         node = node[p]
       node[leaf] = value
-  slug = name.split(" (")[0].replace(",", "").replace(" ", "_")
-  run_dir = os.path.join(workdir, "ablations", slug, f"seed_{seed}")
+  run_dir = os.path.join(workdir, "ablations", slug(name), f"seed_{seed}")
   result_path = os.path.join(run_dir, "heldout.json")
   if os.path.exists(result_path):
     with open(result_path) as f:
@@ -82,7 +86,10 @@ def main(argv: list[str]) -> None:
   del argv
   log_filter.quiet_library_logs()
   workdir = os.path.abspath(demo.WORKDIR.value)
-  names = [n for n in VARIANTS if not _ONLY.value or n in _ONLY.value]
+  unknown = set(_ONLY.value) - {slug(n) for n in VARIANTS}
+  if unknown:
+    raise app.UsageError(f"--only {sorted(unknown)}: variants are {[slug(n) for n in VARIANTS]}")
+  names = [n for n in VARIANTS if not _ONLY.value or slug(n) in _ONLY.value]
   steps = _STEPS.value or get_config().total_steps
   seeds = [int(s) for s in _SEEDS.value]
   rows = {n: [run_variant(n, VARIANTS[n], workdir, steps, s) for s in seeds] for n in names}
