@@ -112,9 +112,17 @@ def test_a_half_written_shard_is_never_visible(samples, tmp_path):
 
 def test_a_writer_refuses_another_workers_count_or_encoder(samples, tmp_path):
   ids = records.RecordReader(samples).ids()
-  out = _features(tmp_path / "f", ids)
+  out = _features(tmp_path / "f", ids, workers=[0])
   with pytest.raises(StoreError, match="was started with .*num_workers=2.*num_workers=3"):
     _features(out, ids, num_workers=3)
+  _features(out, ids, workers=[1])
+  # Complete: the same rows under another worker count are done, another encoder is refused.
+  listing = sorted(os.listdir(out))
+  _features(out, ids, num_workers=3)
+  assert sorted(os.listdir(out)) == listing
+  other = FeatureMeta("other", prompt_template(), "float16", HIDDEN)
+  with pytest.raises(StoreError, match="was started with .*'enc'.*'other'"):
+    FeatureWriter(out, other, StoreLayout(10, 2, 2), 0)
   with pytest.raises(StoreError, match="worker index 2 outside"):
     FeatureWriter(
       out, FeatureMeta(MODEL, prompt_template(), "float16", HIDDEN), StoreLayout(10, 2, 2), 2
@@ -242,6 +250,9 @@ def test_old_stores_are_refused_with_the_upgrade_command_then_upgraded_in_place(
     np.testing.assert_array_equal(FeatureReader(feats)[i].hidden, before[feats][i])
     np.testing.assert_array_equal(latents.LatentReader(lats)[i]["mask_latents"], before[lats][i])
   store.check_aligned(FeatureReader(feats), records.RecordReader(samples))
+  # The command that wrote the latents, run again with today's layout, finds them done.
+  assert encode_latents.encode_store(_pooled, samples, lats, vae="v", resolution=SIZE)
+  assert store.read_meta(lats, latents.KIND, latents.LatentMeta).layout.num_workers == 2
   # An upgraded sample store is overwritten like any other.
   with records.RecordWriter(samples, 4, overwrite=True) as writer:
     writer.write(before[samples][0])

@@ -222,8 +222,14 @@ class ShardedWriter:
     if not fileio.exists(os.path.join(path, META_FILE)):
       _refuse_old_layout(path)
       write_meta(path, StoreMeta(kind, layout, meta))
-    self._check_settings()
-    self._remove_stale_temp_files()
+    # A complete store of the same rows is done whatever layout wrote it (another worker
+    # count, or an upgraded old store); only an unfinished one must be resumed as it started.
+    started = read_meta(path, kind, type(meta))
+    same_rows = started.meta == meta and started.layout.num_samples == layout.num_samples
+    self._done = same_rows and is_complete(path)
+    if not self._done:
+      self._check_settings()
+      self._remove_stale_temp_files()
 
   def _check_settings(self) -> None:
     started = read_meta(self.path, self.kind, type(self.meta))
@@ -250,7 +256,7 @@ class ShardedWriter:
 
   def pending_shards(self) -> list[tuple[int, int, int]]:
     """(shard index, start, stop) of this worker's shards not yet written, in order."""
-    if self._part_written():
+    if self._done or self._part_written():
       return []
     names = set(fileio.listdir(self.path))
     return [
@@ -279,6 +285,8 @@ class ShardedWriter:
   def finalize(self) -> bool:
     """Writes this worker's part once all its shards exist; returns whether the store is
     complete (every worker's part written)."""
+    if self._done:
+      return True
     self._check_settings()  # Workers that started at once may have raced on store.json.
     if not self._part_written():
       if self.pending_shards():
