@@ -17,7 +17,9 @@ def default_config() -> ml_collections.ConfigDict:
     return dict(
       # Each source: {"records": sample store dir, "features": feature store dir,
       # "latents": optional latent store dir (all or none of a task's sources have one),
-      # "weight": optional mixing weight (all or none of a task's sources have one)}.
+      # "weight": optional mixing weight (all or none of a task's sources have one),
+      # "classes_per_use": k draws k of an image's classes per use (LISA; semantic stores
+      # converted with every class, data/class_draws.py)}.
       sources=[],
       resolution=512,
       global_batch_size=8,  # Over all processes; the same for both tasks (mixed 1:1).

@@ -32,6 +32,7 @@ SEGMENTATION = [  # (store name, split)
   ("pascal_part", "train"),
 ]
 SEMANTIC_SETS = ("ade20k", "cocostuff", "pascal_part")  # Not in the trial.
+CLASSES_PER_USE = 3  # LISA: a semantic image shows up to 3 of its classes each time it is used.
 GENERATION = [("t2i", "train")]
 EVALUATION = [
   *(("refcoco_unc", s) for s in ("val", "testA", "testB")),
@@ -64,10 +65,12 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   under = (root + "/") if root else ""
 
   def source(name: str, split: str) -> dict:
-    paths = dict(records=f"{under}data/{name}/{split}", features=f"{under}features/{name}_{split}")
+    spec = dict(records=f"{under}data/{name}/{split}", features=f"{under}features/{name}_{split}")
     if latents:
-      paths["latents"] = f"{under}latents/{name}_{split}"
-    return paths
+      spec["latents"] = f"{under}latents/{name}_{split}"
+    if name in SEMANTIC_SETS:
+      spec["classes_per_use"] = CLASSES_PER_USE
+    return spec
 
   config = genmask_config("tiny" if size == "trial" else size)
   checkpoint = f"{under}checkpoints/wan21_init"

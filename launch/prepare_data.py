@@ -263,7 +263,12 @@ def command_flags(command: str) -> flags.FlagValues:
     integer("image_size", 64, "Image side.")
     integer("seed", 0, "Seeds the scenes.")
   if command in ("ade20k", "cocostuff", "pascal-part"):
-    integer("classes_per_image", 3, "Classes drawn per image, each one sample.")
+    integer(
+      "classes_per_image",
+      0,
+      "0: every class of an image is a sample (training draws classes per use); k: k drawn once.",
+      lower_bound=0,
+    )
     integer("seed", 0, "Seeds the per-image class draw.")
   return values
 

@@ -122,3 +122,18 @@ def test_model_presets_import_no_jax():
   code = "import sys, configs.models; print(sorted({'jax', 'flax'} & set(sys.modules)))"
   out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
   assert out.stdout.strip() == "[]"
+
+
+def test_the_paper_mix_draws_semantic_classes_per_use():
+  from configs import refcoco
+
+  sources = refcoco.get_config("1.3b").data.segmentation.sources
+  draws = {s["records"].split("/")[1]: s.get("classes_per_use") for s in sources}
+  assert draws == {
+    "refcoco_unc": None,
+    "refcoco+_unc": None,
+    "refcocog_umd": None,
+    "ade20k": 3,
+    "cocostuff": 3,
+    "pascal_part": 3,
+  }

@@ -340,3 +340,63 @@ def test_weighted_sources_are_mixed_by_weight(stores, tmp_path):
   cfg.segmentation.sources[1]["weight"] = None
   with pytest.raises(ValueError, match="a weight, or none"):
     pipeline.train_dataset(cfg, grain.sharding.NoSharding())
+
+
+def _semantic_store(path, classes_per_image: list[int], info=None) -> str:
+  """One sample per (image, class): ids sem/train/img{k}/{c}."""
+  samples = [
+    dict(s, id=f"sem/train/img{k}/{c}")
+    for k, n in enumerate(classes_per_image)
+    for c, s in zip(range(n), _seg_samples(n), strict=True)
+  ]
+  with records.RecordWriter(str(path), 4, info=info or {"classes_per_image": 0}) as writer:
+    for s in samples:
+      writer.write(s)
+  return str(path)
+
+
+def test_semantic_classes_are_drawn_per_use_and_resume_exactly(stores, tmp_path):
+  sem = _semantic_store(tmp_path / "sem", [5, 2, 1])  # Rows 0-4: img0, 5-6: img1, 7: img2.
+  cfg = _config(stores, seed=1)
+  cfg.segmentation.sources = [
+    {"records": sem, "features": _features(tmp_path / "sf", sem), "classes_per_use": 2}
+  ]
+  for task in ("segmentation", "generation"):
+    cfg[task].global_batch_size = 5  # One epoch of slots: 2 + 2 + 1.
+
+  def rows(steps):
+    return [sorted(int(i) for i in s["segmentation"]["text"][:, 0, 0]) for s in steps]
+
+  epochs = rows(_take(iter(pipeline.train_dataset(cfg, grain.sharding.NoSharding())), 16))
+  draws = []
+  for epoch in epochs:
+    assert epoch[2:] == [5, 6, 7], epoch  # Images with <= 2 classes show all of them.
+    assert epoch[0] < epoch[1] <= 4  # Two distinct classes of img0.
+    draws.append(tuple(epoch[:2]))
+  assert len(set(draws)) > 3 and {r for d in draws for r in d} == {0, 1, 2, 3, 4}
+  first = iter(pipeline.train_dataset(cfg, grain.sharding.NoSharding()))
+  _take(first, 3)
+  resumed = iter(pipeline.train_dataset(cfg, grain.sharding.NoSharding()))
+  resumed.set_state(first.get_state())
+  assert rows(_take(resumed, 5)) == epochs[3:8]
+  cfg.seed = 2
+  assert rows(_take(iter(pipeline.train_dataset(cfg, grain.sharding.NoSharding())), 16)) != epochs
+
+
+def test_class_draws_need_every_class_in_image_class_ids_and_sources_known_keys(stores, tmp_path):
+  cfg = _config(stores)
+  drawn = _semantic_store(tmp_path / "drawn", [2], info={"classes_per_image": 3})
+  flat = _store(tmp_path / "flat", [dict(s, id=f"s{i}") for i, s in enumerate(_seg_samples(2))])
+  for name, store_dir, error in [
+    ("drawn", drawn, r"drawn: converted with classes_per_image=3 .*--classes_per_image=0"),
+    ("flat", flat, r"flat: sample 's0' is not IMAGE/CLASS"),
+  ]:
+    features = _features(tmp_path / f"{name}_features", store_dir)
+    cfg.segmentation.sources = [{"records": store_dir, "features": features, "classes_per_use": 3}]
+    with pytest.raises(FeatureError, match=error):
+      pipeline.train_dataset(cfg, grain.sharding.NoSharding())
+  typo = {"records": stores["seg"], "features": stores["seg_features"], "wieght": 1.0}
+  cfg.segmentation.sources = [typo]
+  keys = r"sources\[0\] has keys \['features', 'records', 'wieght'\]"
+  with pytest.raises(ValueError, match=keys):
+    pipeline.train_dataset(cfg, grain.sharding.NoSharding())

@@ -1,5 +1,6 @@
 """Converters of semantic segmentation (LISA's recipe), ReasonSeg and text-to-image pairs."""
 
+import collections
 import json
 
 import cv2
@@ -53,11 +54,11 @@ def test_ade20k_binary_masks(ade20k, tmp_path):
     np.testing.assert_array_equal(records.decode_mask(s), (label == c + 1).astype(np.uint8))
     assert s["text"] == f"thing{c + 1}"  # First synonym of class c (label c + 1).
     assert s["id"] == f"ade20k/training/{s['source']['image']}/{c}"
-  # Up to 3 distinct present classes; label 0 ("other") is never a class; img2 has none.
-  assert sorted(by_image) == ["img0", "img1", "img3"]
-  assert len(by_image["img0"]) == 3 and by_image["img1"] == [2]
-  assert set(by_image["img0"]) <= {0, 1, 4, 8, 16, 39, 149}
-  assert set(by_image["img3"]) <= {3, 7, 14, 15, 22, 41} and len(by_image["img3"]) == 3
+  # Every present class, once (training draws per use); label 0 ("other") is never a class;
+  # img2 has none.
+  assert by_image["img0"] == [0, 1, 4, 8, 16, 39, 149] and by_image["img1"] == [2]
+  assert sorted(by_image) == ["img0", "img1", "img3"] and by_image["img3"] == [3, 7, 14, 15, 22, 41]
+  assert records.RecordReader(str(tmp_path / "o" / "training")).meta.info["classes_per_image"] == 0
 
 
 def test_class_draws_are_seeded_and_independent_of_the_other_images(ade20k):
@@ -66,11 +67,13 @@ def test_class_draws_are_seeded_and_independent_of_the_other_images(ade20k):
 
   def draw(subset, seed):
     samples = semseg.label_map_samples(
-      "ade20k", "training", subset, semseg.ade20k_classes, names, seed=seed
+      "ade20k", "training", subset, semseg.ade20k_classes, names, classes_per_image=3, seed=seed
     )
     return [s["id"] for s in samples]
 
   everything = draw(files, 0)
+  per_image = collections.Counter(i.split("/")[2] for i in everything)
+  assert per_image == {"img0": 3, "img1": 1, "img3": 3}
   assert everything == draw(files, 0)
   assert draw(files[3:], 0) == [i for i in everything if "/img3/" in i]
   assert draw(files, 1) != everything

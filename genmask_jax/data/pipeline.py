@@ -10,7 +10,8 @@ Training (`train_dataset`): every step holds a segmentation batch and a generati
 each at its own resolution: {"segmentation": {...}, "generation": {...}}. A task's examples
 are one stream for the whole job, shuffled with a new order every epoch (several stores of one
 task concatenated, or mixed by weight when weights are given) and cut into global batches of
-`global_batch_size`; process i of n (ShardOptions / ShardByJaxProcess) reads, and sees, only
+`global_batch_size`; a semantic source with `classes_per_use: k` contributes up to k slots per
+image, filled anew each epoch (class_draws.py); process i of n (ShardOptions / ShardByJaxProcess) reads, and sees, only
 the i-th n-th of each global batch, so the global batches are the same on 1, 2 or 64
 processes. Iteration is deterministic given the seed and the number of worker processes (each
 worker batches its own share of the stream), and the iterator's get_state() / set_state()
@@ -32,10 +33,13 @@ import numpy as np
 from grain.experimental import ZipMapDataset
 
 from genmask_jax.data import preprocess, records, store
+from genmask_jax.data.class_draws import ClassDraws
 from genmask_jax.data.features import FeatureReader, check_meta
 from genmask_jax.data.latents import LatentReader
 from genmask_jax.data.preprocess import TEXT_DTYPES
 from genmask_jax.data.store import StoreError
+
+SOURCE_KEYS = {"records", "features", "latents", "weight", "classes_per_use"}
 
 
 class JoinedSource:
@@ -126,6 +130,13 @@ def _task_examples(
   task_cfg = cfg[task]
   if not task_cfg.sources:
     raise ValueError(f"config: data.{task}.sources is empty")
+  for i, source in enumerate(task_cfg.sources):
+    unknown = set(source) - SOURCE_KEYS
+    if unknown or "records" not in source or "features" not in source:
+      raise ValueError(
+        f"config: data.{task}.sources[{i}] has keys {sorted(source)}; expected records, "
+        f"features and optionally {sorted(SOURCE_KEYS - {'records', 'features'})}"
+      )
   with_latents = [bool(s.get("latents")) for s in task_cfg.sources]
   if any(with_latents) and not all(with_latents):
     raise ValueError(f"config: give every source of data.{task} a latent store, or none")
@@ -143,20 +154,59 @@ def _task_examples(
   ]
   if len({j.features.meta.hidden_size for j in joined}) != 1:
     raise StoreError(f"config: data.{task}.sources have features of different widths")
-  parts = [grain.MapDataset.source(j) for j in joined]
   task_key = records.TASKS.index(task)
+  draws = [
+    _class_draws(j, s, _seed(cfg.seed, task_key, i, 1))
+    if s.get("classes_per_use") is not None
+    else None
+    for i, (j, s) in enumerate(zip(joined, task_cfg.sources, strict=True))
+  ]
+  # Streams of (source, slot): a slot is a row, or one of an image's class draws (ClassDraws).
+  sizes = [len(j if d is None else d) for d, j in zip(draws, joined, strict=True)]
+  slots = [
+    grain.MapDataset.range(n).map(functools.partial(_tagged, i)) for i, n in enumerate(sizes)
+  ]
   weights = [s.get("weight") for s in task_cfg.sources]
   if all(w is None for w in weights):
-    ds = grain.MapDataset.concatenate(parts).shuffle(_seed(cfg.seed, task_key)).repeat()
+    ds = grain.MapDataset.concatenate(slots).shuffle(_seed(cfg.seed, task_key)).repeat()
+    ds = ds.map_with_index(functools.partial(_read, joined, draws, sum(sizes)))
   elif None in weights:
     raise ValueError(f"config: give every source of data.{task} a weight, or none")
   else:
     ds = grain.MapDataset.mix(
-      [p.shuffle(_seed(cfg.seed, task_key, i)).repeat() for i, p in enumerate(parts)], weights
+      [
+        p.shuffle(_seed(cfg.seed, task_key, i))
+        .repeat()
+        .map_with_index(functools.partial(_read, joined, draws, sizes[i]))
+        for i, p in enumerate(slots)
+      ],
+      weights,
     )
   batch = process_batch_size(task_cfg.global_batch_size, shard.shard_count)
   ds = _ProcessSlice(ds, shard.shard_index, shard.shard_count, batch)
   return ds.map(_preprocessor(cfg, task_cfg.resolution))
+
+
+def _class_draws(joined: JoinedSource, source: dict, seed: int) -> ClassDraws:
+  kept = joined.samples.meta.info.get("classes_per_image", 0)
+  if kept:
+    raise StoreError(
+      f"{source['records']}: converted with classes_per_image={kept} (classes drawn once); "
+      "classes_per_use draws from every class of an image: convert again with "
+      "--classes_per_image=0"
+    )
+  return ClassDraws(joined.samples.ids(), source["classes_per_use"], seed, source["records"])
+
+
+def _tagged(source: int, slot: int) -> tuple[int, int]:
+  return source, slot
+
+
+def _read(joined, draws, epoch_size: int, index: int, tagged: tuple[int, int]) -> dict:
+  """Element `index` of an endless stream whose epochs hold `epoch_size` slots."""
+  source, slot = tagged
+  draw = draws[source]
+  return joined[source][slot if draw is None else draw.row(slot, index // epoch_size)]
 
 
 def _preprocessor(cfg: ml_collections.ConfigDict, resolution: int):

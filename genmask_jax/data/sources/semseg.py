@@ -1,11 +1,14 @@
 """Semantic segmentation as binary referring samples (LISA's recipe): ADE20K, COCO-Stuff,
 PASCAL-Part.
 
-Per image, up to `classes_per_image` of its labelled classes are drawn without replacement by
-a generator seeded with (seed, image name), so the draw depends neither on the order nor on
-the subset of images converted. One sample per drawn class: the mask is that class's pixels
-(ignored pixels are background) and the text is the class name. Images with no labelled
-class give no sample and are logged.
+One sample per (image, class): the mask is that class's pixels (ignored pixels are background)
+and the text is the class name; sample ids are DATASET/SPLIT/IMAGE/CLASS. By default every
+labelled class of an image becomes a sample, and training draws up to 3 of them per use of the
+image (LISA's sampling: a source's `classes_per_use`, data/class_draws.py). With
+`classes_per_image=k` only k classes are kept, drawn once, without replacement, by a generator
+seeded with (seed, image name), so the draw depends neither on the order nor on the subset of
+images converted (a smaller store; every epoch then sees the same classes). Images with no
+labelled class give no sample and are logged.
 """
 
 from __future__ import annotations
@@ -37,6 +40,9 @@ def _rng(seed: int, key: str) -> np.random.Generator:
 
 
 def _draw(rng: np.random.Generator, classes: Sequence[int], k: int) -> list[int]:
+  """k of the classes (0: all of them)."""
+  if k == 0:
+    return sorted(classes)
   return sorted(rng.choice(np.asarray(classes), size=min(k, len(classes)), replace=False).tolist())
 
 
@@ -111,7 +117,7 @@ def label_map_samples(
   to_classes: Callable[[np.ndarray], np.ndarray],
   names: Sequence[str],
   *,
-  classes_per_image: int = 3,
+  classes_per_image: int = 0,
   seed: int = 0,
 ) -> Iterator[records.Sample]:
   """Samples of data sets with per-pixel label maps (ADE20K, COCO-Stuff)."""
@@ -145,7 +151,7 @@ def pascal_part_samples(
   image_dir: str,
   split: str,
   *,
-  classes_per_image: int = 3,
+  classes_per_image: int = 0,
   seed: int = 0,
 ) -> Iterator[records.Sample]:
   """PASCAL-Part from a COCO-format file with "object:part" categories (VLPart's layout).
