@@ -10,12 +10,12 @@ Training (`train_dataset`): every step holds a segmentation batch and a generati
 each at its own resolution: {"segmentation": {...}, "generation": {...}}. A task's examples
 are one stream for the whole job, shuffled with a new order every epoch (several stores of one
 task concatenated, or mixed by weight when weights are given) and cut into global batches of
-`global_batch_size`; a semantic source with `classes_per_use: k` contributes up to k slots per
-image, filled anew each epoch (class_draws.py); process i of n (ShardOptions / ShardByJaxProcess) reads, and sees, only
-the i-th n-th of each global batch, so the global batches are the same on 1, 2 or 64
-processes. Iteration is deterministic given the seed and the number of worker processes (each
-worker batches its own share of the stream), and the iterator's get_state() / set_state()
-resume it exactly.
+`global_batch_size`. A semantic source with `classes_per_use: k` contributes up to k slots per
+image, filled anew each epoch (class_draws.py). Process i of n (ShardOptions /
+ShardByJaxProcess) reads, and sees, only the i-th n-th of each global batch, so the global
+batches are the same on 1, 2 or 64 processes. Iteration is deterministic given the seed and
+the number of worker processes (each worker batches its own share of the stream), and the
+iterator's get_state() / set_state() resume it exactly.
 
 Evaluation (`eval_dataset`): one store in order, split over processes; the last batches are
 padded with `valid = False` examples so that every process runs the same number of steps.
