@@ -76,12 +76,17 @@ def test_check_meta_names_the_mismatch():
 
 
 def test_writer_refuses_a_store_started_with_other_settings(tmp_path):
-  write_store(tmp_path)
+  F.FeatureWriter(str(tmp_path), META, F.StoreLayout(5, 2, 2), 0)  # Started, nothing written.
   other = F.FeatureMeta("enc-b", "tmpl-a", "bfloat16", 8)
   with pytest.raises(F.FeatureError, match="enc-b"):
     F.FeatureWriter(str(tmp_path), other, F.StoreLayout(5, 2, 2), 0)
   with pytest.raises(F.FeatureError, match="shard_size=3"):
     F.FeatureWriter(str(tmp_path), META, F.StoreLayout(5, 2, 3), 0)
+  # Complete, the same rows are done under any layout; other settings are still refused.
+  write_store(tmp_path)
+  assert F.FeatureWriter(str(tmp_path), META, F.StoreLayout(5, 2, 3), 0).finalize()
+  with pytest.raises(F.FeatureError, match="enc-b"):
+    F.FeatureWriter(str(tmp_path), other, F.StoreLayout(5, 2, 2), 0)
 
 
 def test_writer_checks_hidden_size_and_shard_length(tmp_path):
