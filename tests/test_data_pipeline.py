@@ -183,10 +183,10 @@ def test_resuming_from_a_saved_state_gives_the_same_batches(stores):
   assert [int(i) for s in other for i in s["segmentation"]["text"][:, 0, 0]] != order[:12]
 
 
-def _global_batches(stores, processes: int, steps: int) -> list[dict]:
+def _global_batches(stores, processes: int, steps: int, size: int = 4) -> list[dict]:
   """The first `steps` steps of every process, each process's slices joined in order."""
   per_process = [
-    _take(iter(pipeline.train_dataset(_config_4(stores), _shard(i, processes))), steps)
+    _take(iter(pipeline.train_dataset(_config_4(stores, size), _shard(i, processes))), steps)
     for i in range(processes)
   ]
   return [
@@ -200,10 +200,10 @@ def _global_batches(stores, processes: int, steps: int) -> list[dict]:
   ]
 
 
-def _config_4(stores):
-  """Global batches of 4 per task."""
+def _config_4(stores, size: int = 4):
+  """Global batches of `size` per task."""
   cfg = _config(stores)
-  cfg.segmentation.global_batch_size = cfg.generation.global_batch_size = 4
+  cfg.segmentation.global_batch_size = cfg.generation.global_batch_size = size
   return cfg
 
 
@@ -218,6 +218,10 @@ def test_global_batches_do_not_depend_on_the_number_of_processes(stores):
   assert sorted(seen) == list(range(12))
   for processes in (2, 4):
     for a, b in zip(one, _global_batches(stores, processes, 3), strict=True):
+      _assert_same(a, b)
+  one = _global_batches(stores, 1, 3, size=8)  # Across the epoch boundary.
+  for processes in (2, 8):
+    for a, b in zip(one, _global_batches(stores, processes, 3, size=8), strict=True):
       _assert_same(a, b)
 
 

@@ -98,6 +98,10 @@ def succeeded(result: subprocess.CompletedProcess) -> str:
   return result.stdout
 
 
+# One worker runs this module, so that its fixture (every tool's run, ~2 minutes) is built once.
+pytestmark = pytest.mark.xdist_group("predict_generate")
+
+
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory):
   """Every run of the tools, by name, with the stores and output paths they used."""

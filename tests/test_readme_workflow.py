@@ -222,7 +222,6 @@ def check(command: str, output: str, root: str, refcoco: dict) -> None:
 
 
 @pytest.mark.slow
-@pytest.mark.xdist_group("heavy")
 def test_readme_workflow_runs_as_printed(tmp_path):
   trial, setup, steps = workflow()
   prose = " ".join(trial.split())
