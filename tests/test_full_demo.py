@@ -1,0 +1,41 @@
+"""The README's first command as printed, at full length (~13 minutes on 2 cores): not part of
+the default run (`-m "not full_demo"` in pyproject.toml); CI runs it after the suite with
+`pytest -m full_demo`, on a CPU other than the one the README's figures come from."""
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+from conftest import DEMO_ENV
+
+# Measured on a 2-core CPU over seeds 0, 1, 2 (README): held-out mIoU 0.787-0.852, training
+# scenes 0.815-0.873, baselines <= 0.35; named-colour recall 0.51-0.53 (untrained 0.05),
+# precision 0.86-0.92 (untrained 0.44). Another CPU rounds like another seed: the floors sit
+# below the worst seed.
+HELDOUT_MIOU = 0.75
+TRAIN_MIOU = 0.75
+OVER_BASELINES = 0.3
+RECALL_OVER_UNTRAINED = 0.25
+PRECISION = 0.7
+
+
+@pytest.mark.full_demo
+def test_the_demo_keeps_the_readme_promise(tmp_path):
+  workdir = str(tmp_path / "demo")
+  command = [sys.executable, "-m", "launch.demo", f"--workdir={workdir}"]
+  result = subprocess.run(command, env=DEMO_ENV, capture_output=True, text=True, timeout=3600)
+  assert result.returncode == 0, result.stderr[-3000:]
+  with open(os.path.join(workdir, "summary.json")) as f:
+    summary = json.load(f)
+  print(json.dumps(summary, indent=1))
+  trained = summary["GenMask (trained)"]
+  baselines = max(summary[b]["heldout"]["gIoU"] for b in ("every shape", "largest shape"))
+  assert trained["heldout"]["gIoU"] >= HELDOUT_MIOU
+  assert trained["train"]["gIoU"] >= TRAIN_MIOU
+  assert trained["heldout"]["gIoU"] >= baselines + OVER_BASELINES
+  generation = summary["generation"]
+  untrained = generation["GenMask (initialization)"]
+  assert generation["GenMask (trained)"]["recall"] >= untrained["recall"] + RECALL_OVER_UNTRAINED
+  assert generation["GenMask (trained)"]["precision"] >= PRECISION
