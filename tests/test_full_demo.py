@@ -13,9 +13,9 @@ from conftest import DEMO_ENV
 # Measured on a 2-core CPU over seeds 0, 1, 2 (README): held-out mIoU 0.787-0.852, training
 # scenes 0.815-0.873, baselines <= 0.35; named-colour recall 0.51-0.53 (untrained 0.05),
 # precision 0.86-0.92 (untrained 0.44). Another CPU rounds like another seed: the floors sit
-# below the worst seed.
-HELDOUT_MIOU = 0.75
-TRAIN_MIOU = 0.75
+# well below the worst seed: a miss here is a broken demo, not an unlucky seed.
+HELDOUT_MIOU = 0.70
+TRAIN_MIOU = 0.70
 OVER_BASELINES = 0.3
 RECALL_OVER_UNTRAINED = 0.25
 PRECISION = 0.7
