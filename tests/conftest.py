@@ -38,6 +38,26 @@ import pytest  # noqa: E402
 SHARED_ENV = "GENMASK_SHARED"
 
 
+@pytest.hookimpl(trylast=True)
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+  """Keeps `xdist_group` tests on one worker under --dist=loadgroup. xdist 3.8 tags them by
+  appending "@group" to `item._nodeid`, which pytest 9.2 no longer reads (a node's id is
+  `item._id`), so the groups were silently ignored: session fixtures such as the shortened demo
+  were built on every worker, and the multi-process tests ran beside it."""
+  if not getattr(config.option, "loadgroup", False):  # Set on xdist workers only.
+    return
+  for item in items:
+    groups = sorted(
+      {
+        str(m.args[0] if m.args else m.kwargs.get("name", "default"))
+        for m in item.iter_markers("xdist_group")
+      }
+    )
+    suffix = "@" + "_".join(groups)
+    if groups and not item.nodeid.endswith(suffix):
+      item._id = type(item._id).parse(item.nodeid + suffix)
+
+
 def shared_file(relative: str) -> str:
   """A file of the project's shared/ folder: `$GENMASK_SHARED` if set, else `shared/` beside
   the checkout (CI clones the repository next to a copy of it). Absent, the test fails naming
