@@ -1,7 +1,7 @@
 r"""The paper's ablations at toy scale on the synthetic set: one row per variant and seed.
 
   python -m benchmarks.ablations --workdir=runs/demo [--steps=N] [--seeds=0,1] \
-      [--only=s=0.1,no_generation_data_same_compute]
+      [--only=s=0.1,no_generation_data_same_batch]
 
 Reuses (or makes) the demo's data, VLM features and frozen VAE under --workdir, trains each
 variant of configs/demo.py with each seed (`config.seed`: data order, initialization, noise) for
@@ -41,10 +41,12 @@ VARIANTS = {
     "diffusion.segmentation_loss": "linear_bce",
     "segment.decoder": "linear",
   },
-  # Without generation data a step holds half the samples; the second row restores the
-  # per-step batch (and compute) with twice the segmentation samples.
+  # Without generation data a step holds the same 8 segmentation samples and nothing else; the
+  # second row restores the 16 samples per step with segmentation alone. In DiT tokens (a
+  # segmentation sample carries as many condition tokens as noisy ones) the paper setting's step
+  # is 8 x 128 + 8 x 64 = 1536 tokens, these 1024 and 2048: the two rows bracket its compute.
   "no generation data": {"data.generation.sources": []},
-  "no generation data, same compute": {
+  "no generation data, same batch": {
     "data.generation.sources": [],
     "data.segmentation.global_batch_size": 16,
   },
