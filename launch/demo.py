@@ -165,26 +165,36 @@ def generate_images(config, models, params, vae_params, captions_dir, features_d
   images = generate(
     params, vae_params, jax.random.key(0), text, text_mask, config.generate.guidance_scale
   )
+  return to_uint8(images)
+
+
+def to_uint8(images: jax.Array) -> np.ndarray:
   return ((np.asarray(images) + 1) * 127.5).clip(0, 255).astype(np.uint8)
+
+
+def real_scenes(captions_dir: str) -> np.ndarray:
+  reader = records.RecordReader(captions_dir)
+  return np.stack([records.decode_image(reader[i]) for i in range(len(reader))])
+
+
+def vae_round_trip(models, vae_params, images: np.ndarray) -> np.ndarray:
+  """uint8 images encoded and decoded by the frozen VAE: the best a generated image can be."""
+  round_trip = jax.jit(lambda v, x: models.decode(v, models.encode(v, x)[:, 0]))
+  return to_uint8(round_trip(vae_params, images.astype(np.float32) / 127.5 - 1))
 
 
 def generation_scores(images: dict[str, np.ndarray], captions_dir: str) -> dict[str, dict]:
   """Named-colour recall / precision (evaluation/colours.py) of each set of images against the
-  captions they were generated from, and of the real scenes."""
+  captions of `captions_dir`, in order."""
   reader = records.RecordReader(captions_dir)
   captions = [reader[i]["text"] for i in range(len(reader))]
-  images = dict(
-    images, **{"real scenes": [records.decode_image(reader[i]) for i in range(len(reader))]}
-  )
   return {name: colours.colour_scores(x, captions, synthetic.COLORS) for name, x in images.items()}
 
 
-def save_grid(generated: np.ndarray, captions_dir: str, out_path: str, columns: int = 8) -> None:
+def save_grid(generated: np.ndarray, real: np.ndarray, out_path: str, columns: int = 8) -> None:
   """The first `columns` generated images above their real scenes, as one PNG."""
-  reader = records.RecordReader(captions_dir)
   n = min(columns, len(generated))
-  real = [records.decode_image(reader[i]) for i in range(n)]
-  grid = np.concatenate([np.concatenate(list(generated[:n]), 1), np.concatenate(real, 1)], 0)
+  grid = np.concatenate([np.concatenate(list(generated[:n]), 1), np.concatenate(real[:n], 1)], 0)
   Image.fromarray(grid).save(out_path)
 
 
@@ -241,7 +251,7 @@ def main(argv: list[str]) -> None:
     )
     trained = evaluate.evaluate_run(opened, os.path.join(workdir, "eval"))
     captions_dir = store["gen_heldout"]["records"]
-    generated = {
+    images = {
       name: generate_images(
         config, models, params, vae_params, captions_dir, store["gen_heldout"]["features"]
       )
@@ -250,9 +260,12 @@ def main(argv: list[str]) -> None:
         ("GenMask (initialization)", untrained),
       )
     }
+    real = real_scenes(captions_dir)
+    # Real scenes score 1 / 1; their VAE round trip is the ceiling a generated image can reach.
+    images.update({"real scenes": real, "VAE round trip": vae_round_trip(models, vae_params, real)})
   grid_path = os.path.join(workdir, "generated.png")
-  save_grid(generated["GenMask (trained)"], captions_dir, grid_path)
-  generation = generation_scores(generated, captions_dir)
+  save_grid(images["GenMask (trained)"], real, grid_path)
+  generation = generation_scores(images, captions_dir)
 
   rows = {"GenMask (trained)": trained, "GenMask (initialization)": at_init}
   for split in config.eval.splits:
@@ -277,7 +290,7 @@ def main(argv: list[str]) -> None:
       f"{r['train']['gIoU']:11.3f}"
     )
   print(
-    f"\nimages from {len(generated['GenMask (trained)'])} held-out captions: colours named in "
+    f"\nimages from {len(real)} held-out captions: colours named in "
     "the caption that the image shows (recall), colours shown that were named (precision)"
   )
   print(f"{'':26s} {'recall':>8s} {'precision':>10s}")
