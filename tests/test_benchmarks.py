@@ -1,5 +1,6 @@
-"""The accelerator benchmark: analytic FLOPs agree with XLA's count; `--tiny` runs on CPU."""
+"""The benchmarks: analytic FLOPs agree with XLA's count; each script runs on CPU at toy size."""
 
+import json
 import os
 import re
 import subprocess
@@ -11,6 +12,7 @@ import pytest
 
 from benchmarks import gpu
 from configs.models import wan_dit, wan_vae
+from genmask_jax.data import records, synthetic
 from genmask_jax.models.dit import WanDiT
 from genmask_jax.models.vae import WanVAE
 
@@ -102,3 +104,23 @@ def test_data_pipeline_benchmark_reads_local_and_gcs_stores():
   assert result.returncode == 0, result.stderr[-3000:]
   line = re.search(r"workers 0: local ([\d.]+) samples/s, gs:// ([\d.]+) samples/s", result.stdout)
   assert line and float(line[1]) > 0 and float(line[2]) > 0, result.stdout
+
+
+def test_demo_vae_benchmark_reports_round_trip(tmp_path):
+  for split, n in (("train", 8), ("heldout", 4), ("gen", 4)):
+    with records.RecordWriter(str(tmp_path / "data" / split), 100) as writer:
+      for sample in synthetic.samples(split, n, image_size=64):
+        writer.write(sample)
+  result = subprocess.run(
+    [sys.executable, "-m", "benchmarks.demo_vae", f"--workdir={tmp_path}", "--steps=2"],
+    env=dict(os.environ, XLA_FLAGS=""),
+    capture_output=True,
+    text=True,
+    timeout=600,
+  )
+  assert result.returncode == 0, result.stderr[-3000:]
+  report = json.loads(result.stdout.splitlines()[-1])
+  assert report["steps"] == 2
+  assert 0 <= report["mask_iou"] <= 1 and 0 <= report["colour_recall"] <= 1
+  assert set(report["colour_rgb_distance"]) <= set(synthetic.COLORS)
+  assert all(d >= 0 for d in report["colour_rgb_distance"].values())

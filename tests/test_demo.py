@@ -43,15 +43,22 @@ def test_short_demo_runs_learns_and_resumes(short_demo):
   print("training-scene mIoU:", fit)
   assert fit["GenMask (trained)"] >= fit["GenMask (initialization)"] + LEARNED_MARGIN
   assert fit["GenMask (trained)"] >= max(fit["every shape"], fit["largest shape"]) + TEXT_MARGIN
-  segmentation = losses(workdir, "loss/segmentation")
-  assert len(segmentation) == STEPS
-  assert segmentation[-20:].mean() < 0.8 * segmentation[:20].mean()
+  for task in ("segmentation", "generation"):
+    loss = losses(workdir, f"loss/{task}")
+    assert len(loss) == STEPS
+    assert loss[-20:].mean() < 0.8 * loss[:20].mean(), task
   assert Image.open(os.path.join(workdir, "generated.png")).size == (8 * 64, 2 * 64)
   # Generation: the colours the captions name, in the images (evaluation/colours.py).
   print("generation:", generation)
   assert generation["real scenes"] == {"recall": 1.0, "precision": 1.0}
+  assert set(generation) == {
+    "GenMask (trained)",
+    "GenMask (initialization)",
+    "real scenes",
+    "VAE round trip",
+  }
   # 400 steps on 200 captions do not teach colours yet (measured recall 0.0 trained and
-  # untrained, with 4 or 25 Euler steps); the full demo's figure is in the README.
+  # untrained, with 4 or 25 Euler steps): tests/test_full_demo.py checks the full demo's.
   trained, untrained = generation["GenMask (trained)"], generation["GenMask (initialization)"]
   assert trained["recall"] >= untrained["recall"]
   assert os.path.exists(os.path.join(workdir, "eval", "heldout_overlays.png"))
