@@ -54,7 +54,7 @@ VARIANTS = {
 
 
 def slug(name: str) -> str:
-  """The variant's directory name and --only key: `no_generation_data_same_compute`."""
+  """The variant's directory name and --only key: `no_generation_data_same_batch`."""
   return name.split(" (")[0].replace(",", "").replace(" ", "_")
 
 

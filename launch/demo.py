@@ -74,6 +74,17 @@ def make_data(demo, data_dir: str) -> None:
       with records.RecordWriter(os.path.join(data_dir, name), 1000, overwrite=True) as writer:
         for sample in samples:
           writer.write(sample)
+  sizes = dict(
+    train="num_train", heldout="num_heldout", gen="num_gen", gen_heldout="num_generate",
+    train_eval="num_eval_train",
+  )  # fmt: skip
+  for name, field in sizes.items():  # A re-run reuses the stores: they must fit the config.
+    found = len(records.RecordReader(os.path.join(data_dir, name)))
+    if found != demo[field]:
+      raise ValueError(
+        f"{os.path.join(data_dir, name)} holds {found} samples where config.demo.{field} is "
+        f"{demo[field]}: use another --workdir, or delete that store and its features"
+      )
 
 
 def make_features(vlm_dir: str, data_dir: str, features_dir: str, splits, image_size: int) -> None:

@@ -4,10 +4,13 @@ import json
 import os
 import subprocess
 
+import ml_collections
 import numpy as np
 import pytest
 from conftest import DEMO_ENV, short_demo_command
 from PIL import Image
+
+from launch import demo as launch_demo
 
 STEPS = 400
 # mIoU on the training scenes: measured 0.779 after training, 0.000 at initialization, and 0.389
@@ -71,3 +74,16 @@ def test_short_demo_runs_learns_and_resumes(short_demo):
   assert again.returncode == 0, again.stderr[-3000:]
   assert "VAE step" not in again.stderr and "precompute" not in again.stderr
   assert len(losses(workdir, "loss/segmentation")) == STEPS
+
+
+def test_demo_refuses_stores_of_another_size(tmp_path):
+  """A re-run reuses the demo's sample stores; one made for other sizes is refused by name."""
+  demo = ml_collections.ConfigDict(
+    dict(num_train=4, num_heldout=2, num_gen=2, num_generate=2, num_eval_train=2, image_size=32)
+  )
+  data_dir = str(tmp_path / "data")
+  launch_demo.make_data(demo, data_dir)
+  launch_demo.make_data(demo, data_dir)  # Nothing to redo, nothing refused.
+  demo.num_generate = 3
+  with pytest.raises(ValueError, match=r"gen_heldout holds 2 samples .*demo.num_generate is 3"):
+    launch_demo.make_data(demo, data_dir)
