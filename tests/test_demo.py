@@ -60,10 +60,9 @@ def test_short_demo_runs_learns_and_resumes(short_demo):
     "real scenes",
     "VAE round trip",
   }
-  # 400 steps on 200 captions do not teach colours yet (measured recall 0.0 trained and
-  # untrained, with 4 or 25 Euler steps): tests/test_full_demo.py checks the full demo's.
-  trained, untrained = generation["GenMask (trained)"], generation["GenMask (initialization)"]
-  assert trained["recall"] >= untrained["recall"]
+  # No colour measure here: the shortened demo's 600-step VAE keeps none of the colours (its
+  # round trip scores recall 0.0; the full demo's 0.997), so neither can its images.
+  # tests/test_full_demo.py checks the full demo's images against the untrained model's.
   assert os.path.exists(os.path.join(workdir, "eval", "heldout_overlays.png"))
   assert os.listdir(os.path.join(workdir, "genmask", "tensorboard"))
 
