@@ -2,8 +2,9 @@
 
 Used by `python -m launch.demo`; every field can be overridden with --config.x=y. The DiT and
 the VAE are small and trained from scratch here (no pretrained weights can be downloaded); the
-recipe is the paper's: segmentation and generation mixed 1:1, the s = 0.05 segmentation
-sampler, MSE in latent space, condition tokens from the image latent, CFG text dropout.
+recipe is the paper's (segmentation and generation mixed 1:1, the s = 0.05 segmentation
+sampler, MSE in latent space, condition tokens from the image latent, CFG text dropout) but for
+the generation sampler's shift, below.
 """
 
 from __future__ import annotations
@@ -31,6 +32,10 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     config.data[task].resolution = 64
     config.data[task].global_batch_size = 8
 
+  # Generation trains on the noise levels it samples at: WAN's shift 3 (odds / 3 here, as in
+  # config.generate) instead of the paper's unshifted logit-normal. Layout and colours are set at
+  # high noise; named-colour recall 0.63 -> 0.69 / 0.70 on seeds 1 / 2 (README).
+  config.diffusion.timesteps.generation.shift = 1 / 3
   config.total_steps = 4500
   config.optimizer.update(lr=3e-3, min_lr=1e-5, warmup_steps=100, b2=0.95)
   config.mesh = dict(data=1, fsdp=-1, tensor=1)
