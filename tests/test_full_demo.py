@@ -1,4 +1,4 @@
-"""The README's first command as printed, at full length (~13 minutes on 2 cores): not part of
+"""The README's first command as printed, at full length (~15 minutes on 2 cores): not part of
 the default run (`-m "not full_demo"` in pyproject.toml); CI runs it after the suite with
 `pytest -m full_demo`, on a CPU other than the one the README's figures come from."""
 
@@ -10,15 +10,17 @@ import sys
 import pytest
 from conftest import DEMO_ENV
 
-# Measured on a 2-core CPU over seeds 0, 1, 2 (README): held-out mIoU 0.787-0.852, training
-# scenes 0.815-0.873, baselines <= 0.35; named-colour recall 0.51-0.53 (untrained 0.05),
-# precision 0.86-0.92 (untrained 0.44). Another CPU rounds like another seed: the floors sit
-# well below the worst seed: a miss here is a broken demo, not an unlucky seed.
+# Measured on a 2-core CPU over seeds 0, 1, 2 (README): held-out mIoU 0.831-0.868, training
+# scenes 0.846-0.897, baselines <= 0.35; named-colour recall 0.685-0.701 (untrained 0.003-0.363:
+# it depends on the initialization), precision 0.977-0.987 (untrained 0.41-1.0 of few colours).
+# Another CPU rounds like another seed: the floors sit well below the worst seed, so a miss here
+# is a broken demo, not an unlucky seed.
 HELDOUT_MIOU = 0.70
 TRAIN_MIOU = 0.70
 OVER_BASELINES = 0.3
-RECALL_OVER_UNTRAINED = 0.25
-PRECISION = 0.7
+RECALL = 0.55
+RECALL_OVER_UNTRAINED = 0.2
+PRECISION = 0.8
 
 
 @pytest.mark.full_demo
@@ -37,5 +39,6 @@ def test_the_demo_keeps_the_readme_promise(tmp_path):
   assert trained["heldout"]["gIoU"] >= baselines + OVER_BASELINES
   generation = summary["generation"]
   untrained = generation["GenMask (initialization)"]
-  assert generation["GenMask (trained)"]["recall"] >= untrained["recall"] + RECALL_OVER_UNTRAINED
+  recall = generation["GenMask (trained)"]["recall"]
+  assert recall >= max(RECALL, untrained["recall"] + RECALL_OVER_UNTRAINED)
   assert generation["GenMask (trained)"]["precision"] >= PRECISION
