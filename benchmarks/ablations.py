@@ -1,18 +1,19 @@
 r"""The paper's ablations at toy scale on the synthetic set: one row per variant and seed.
 
-  python -m benchmarks.ablations --workdir=runs/demo [--steps=N] [--seeds=0,1] \
-      [--only=s=0.1,no_generation_data_same_batch]
+  python -m benchmarks.ablations --workdir=runs/demo [--seeds=0,1] \
+      [--only=s=0.1,no_generation_data_same_batch] [--config.x=y ...]
 
 Reuses (or makes) the demo's data, VLM features and frozen VAE under --workdir, trains each
-variant of configs/demo.py with each seed (`config.seed`: data order, initialization, noise) for
---steps steps (default: the demo's) under --workdir/ablations/<name>/seed_<k> (a re-run resumes
-or skips finished runs) and evaluates it on the held-out expressions. Prints the mean and the
-range over seeds. The paper's direction need not reproduce at this scale; the table reports what
-is measured.
+variant of the demo's config (configs/demo.py with any `--config.x=y` overrides, as for the demo;
+e.g. `--config.total_steps=N`) with each seed (`config.seed`: data order, initialization, noise)
+under --workdir/ablations/<name>/seed_<k> (a re-run resumes or skips finished runs) and evaluates
+it on the held-out expressions. Prints the mean and the range over seeds. The paper's direction
+need not reproduce at this scale; the table reports what is measured.
 """
 
 from __future__ import annotations
 
+import copy
 import json
 import os
 
@@ -20,13 +21,11 @@ import jax
 import numpy as np
 from absl import app, flags, logging
 
-from configs.demo import get_config
 from genmask_jax.evaluation import evaluate
 from genmask_jax.runtime import log_filter
 from genmask_jax.training import train
 from launch import demo
 
-_STEPS = flags.DEFINE_integer("steps", 0, "Training steps per variant (0: the demo's).")
 _ONLY = flags.DEFINE_list("only", [], "Variants to run, by slug (default: all); see --helpfull.")
 _SEEDS = flags.DEFINE_list("seeds", ["0", "1"], "config.seed of each run of a variant.")
 
@@ -58,13 +57,11 @@ def slug(name: str) -> str:
   return name.split(" (")[0].replace(",", "").replace(" ", "_")
 
 
-def run_variant(
-  name: str, overrides: dict, workdir: str, steps: int, seed: int
-) -> dict[str, float]:
-  config = get_config()
+def run_variant(name: str, overrides: dict, workdir: str, seed: int) -> dict[str, float]:
+  config = copy.deepcopy(demo.CONFIG.value)
   demo.prepare(config, workdir)
   with config.unlocked():
-    config.total_steps, config.seed = steps, seed
+    config.seed = seed
     for path, value in overrides.items():
       *parents, leaf = path.split(".")
       node = config
@@ -72,7 +69,16 @@ def run_variant(
         node = node[p]
       node[leaf] = value
   run_dir = os.path.join(workdir, "ablations", slug(name), f"seed_{seed}")
-  result_path = os.path.join(run_dir, "heldout.json")
+  config_path, result_path = (os.path.join(run_dir, f) for f in ("config.json", "heldout.json"))
+  # A run directory belongs to one config: another --config must not resume or reuse it.
+  if os.path.exists(config_path):
+    with open(config_path) as f:
+      if json.load(f) != json.loads(config.to_json_best_effort()):
+        raise ValueError(f"{run_dir} holds a run of another config ({config_path}); move it away")
+  else:
+    os.makedirs(run_dir, exist_ok=True)
+    with open(config_path, "w") as f:
+      f.write(config.to_json_best_effort(indent=1))
   if os.path.exists(result_path):
     with open(result_path) as f:
       return json.load(f)
@@ -92,10 +98,9 @@ def main(argv: list[str]) -> None:
   if unknown:
     raise app.UsageError(f"--only {sorted(unknown)}: variants are {[slug(n) for n in VARIANTS]}")
   names = [n for n in VARIANTS if not _ONLY.value or slug(n) in _ONLY.value]
-  steps = _STEPS.value or get_config().total_steps
   seeds = [int(s) for s in _SEEDS.value]
-  rows = {n: [run_variant(n, VARIANTS[n], workdir, steps, s) for s in seeds] for n in names}
-  device = jax.devices()[0].device_kind
+  rows = {n: [run_variant(n, VARIANTS[n], workdir, s) for s in seeds] for n in names}
+  steps, device = demo.CONFIG.value.total_steps, jax.devices()[0].device_kind
   print(f"\nToy-scale ablations, {steps} steps, seeds {seeds}, held-out expressions ({device})")
   print(f"{'variant':34s} {'mIoU (min-max)':>20s} {'oIoU':>7s} {'P@0.5':>7s}")
   for name, runs in rows.items():

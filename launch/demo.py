@@ -44,7 +44,7 @@ from genmask_jax.runtime import log_filter, sharding
 from genmask_jax.training import train, vae_training
 from genmask_jax.vlm.tiny_qwen import save_tiny_qwen
 
-_CONFIG = config_flags.DEFINE_config_file("config", "configs/demo.py", "Demo config.")
+CONFIG = config_flags.DEFINE_config_file("config", "configs/demo.py", "Demo config.")
 WORKDIR = flags.DEFINE_string("workdir", "runs/demo", "Everything the demo writes.")
 
 HELDOUT_CAPTIONS_SEED = 1  # Generation scenes the DiT never saw.
@@ -244,7 +244,7 @@ def prepare(config, workdir: str) -> dict[str, dict[str, str]]:
 def main(argv: list[str]) -> None:
   del argv
   log_filter.quiet_library_logs()
-  config, workdir = _CONFIG.value, os.path.abspath(WORKDIR.value)
+  config, workdir = CONFIG.value, os.path.abspath(WORKDIR.value)
   config_check.validate(config, "train")  # Its stores are made below: model and batch only.
   start = time.time()
   store = prepare(config, workdir)

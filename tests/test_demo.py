@@ -2,6 +2,7 @@
 
 import json
 import os
+import re
 import subprocess
 
 import ml_collections
@@ -86,3 +87,34 @@ def test_demo_refuses_stores_of_another_size(tmp_path):
   demo.num_generate = 3
   with pytest.raises(ValueError, match=r"gen_heldout holds 2 samples .*demo.num_generate is 3"):
     launch_demo.make_data(demo, data_dir)
+
+
+@pytest.mark.slow
+@pytest.mark.xdist_group("heavy")
+def test_ablations_train_each_variant_on_the_demo_config_and_keep_runs_to_theirs(short_demo):
+  """benchmarks/ablations.py trains a variant of the demo's config with its --config overrides,
+  reports it from the run's own evaluation, and refuses to reuse a run of another config."""
+  workdir = short_demo[0]
+
+  def ablations(*overrides: str) -> subprocess.CompletedProcess:
+    command = short_demo_command(workdir)
+    command[command.index("launch.demo")] = "benchmarks.ablations"
+    command += ["--only=s=0.1", "--seeds=3", *overrides]
+    return subprocess.run(command, env=DEMO_ENV, capture_output=True, text=True, timeout=900)
+
+  result = ablations("--config.total_steps=2")
+  assert result.returncode == 0, result.stderr[-3000:]
+  run_dir = os.path.join(workdir, "ablations", "s=0.1", "seed_3")
+  with open(os.path.join(run_dir, "config.json")) as f:
+    config = json.load(f)
+  assert config["seed"] == 3 and config["total_steps"] == 2
+  assert config["diffusion"]["timesteps"]["segmentation"]["shift"] == 0.1
+  with open(os.path.join(run_dir, "heldout.json")) as f:
+    miou = json.load(f)["gIoU"]
+  assert "Toy-scale ablations, 2 steps, seeds [3]" in result.stdout
+  row = re.search(r"^s=0.1 +([\d.]+) \(", result.stdout, re.MULTILINE)
+  assert row and float(row[1]) == pytest.approx(miou, abs=5e-4), result.stdout
+
+  other = ablations("--config.total_steps=3")
+  assert other.returncode != 0
+  assert f"{run_dir} holds a run of another config" in other.stderr
