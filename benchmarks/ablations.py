@@ -22,7 +22,7 @@ import numpy as np
 from absl import app, flags, logging
 
 from genmask_jax.evaluation import evaluate
-from genmask_jax.runtime import log_filter
+from genmask_jax.runtime import host_memory, log_filter
 from genmask_jax.training import train
 from launch import demo
 
@@ -111,4 +111,5 @@ def main(argv: list[str]) -> None:
 
 
 if __name__ == "__main__":
+  host_memory.restart_with_huge_pages()
   app.run(main)

@@ -52,19 +52,19 @@ def train_vae(
     updates, opt_state = optimizer.update(grads, opt_state, params)
     return optax.apply_updates(params, updates), opt_state, loss
 
-  losses = []
+  losses = []  # Device scalars, read every log_every steps: the loop runs ahead of the device.
   for i in range(steps):
     batch = images[rng.integers(0, len(images), batch_size)]
     if crop:
       y, x = stride * rng.integers(0, (np.array(batch.shape[1:3]) - crop) // stride + 1)
       batch = batch[:, y : y + crop, x : x + crop]
     params, opt_state, loss = step(params, opt_state, batch)
-    losses.append(float(loss))
+    losses.append(loss)
     if (i + 1) % log_every == 0:
       logging.info(
         "VAE step %d/%d: reconstruction MSE %.4f", i + 1, steps, np.mean(losses[-log_every:])
       )
-  return params, losses
+  return params, [float(x) for x in jax.device_get(losses)]
 
 
 def latent_statistics(
