@@ -43,6 +43,7 @@ def test_short_demo_runs_learns_and_resumes(short_demo):
   }
   assert all(0 <= r[split]["gIoU"] <= 1 for r in summary.values() for split in ("heldout", "train"))
   assert "mIoU (gIoU)" in result.stdout and workdir in result.stdout
+  assert "restarting with GLIBC_TUNABLES=glibc.malloc.hugetlb=1" in result.stderr
   fit = {name: r["train"]["gIoU"] for name, r in summary.items()}
   print("training-scene mIoU:", fit)
   assert fit["GenMask (trained)"] >= fit["GenMask (initialization)"] + LEARNED_MARGIN

@@ -5,8 +5,9 @@ glibc serves any block over 32 MB with a fresh mmap that it unmaps on free: ever
 and zeroes ~45,000 pages of 4 KB again (measured: 90 of the step's 300 CPU milliseconds in the
 kernel). glibc's `glibc.malloc.hugetlb=1` tunable marks such blocks for 2 MB transparent huge
 pages (the kernel's "madvise" mode, the usual default): the demo's DiT step 160 -> 125 ms on 2
-cores, its results bitwise the same (benchmarks/demo_step.py measures both). glibc reads
-tunables only when a process starts, hence the restart.
+cores, its results bitwise the same (`GLIBC_TUNABLES=glibc.malloc.hugetlb=0` or `=1` before
+`python -m benchmarks.demo_step` measures each). glibc reads tunables only when a process
+starts, hence the restart.
 """
 
 from __future__ import annotations
