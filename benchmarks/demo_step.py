@@ -5,11 +5,16 @@ r"""The demo's train step encoding images in the step against reading stored lat
 Makes (or reuses) the demo's data, features, VAE and latent stores under --workdir, compiles the
 demo's train step for both kinds of batch (images and masks, encoded by the frozen VAE in the
 step; their stored latents) and times them in alternating rounds, so that a machine whose speed
-drifts slows both alike. Prints the median milliseconds per step of each and their ratio.
+drifts slows both alike. Prints the median milliseconds per step of each and their ratio, and
+the kernel's share: CPU milliseconds in the kernel and minor page faults per step. Run it under
+`GLIBC_TUNABLES=glibc.malloc.hugetlb=0` and `=1` to see what huge pages do for XLA's buffers
+(runtime/host_memory.py; the demo itself sets `=1`).
 """
 
 from __future__ import annotations
 
+import os
+import resource
 import time
 from collections.abc import Callable
 
@@ -68,19 +73,26 @@ def main(argv: list[str]) -> None:
     "VAE encoder in the step": step_runner(in_step),
     "stored latents": step_runner(stored),
   }
-  times = {name: [] for name in variants}
+  rounds = {name: [] for name in variants}  # (wall seconds, kernel seconds, page faults) a step
   for r in range(_ROUNDS.value + 1):
     for name, run in variants.items():
-      start = time.perf_counter()
+      before, start = resource.getrusage(resource.RUSAGE_SELF), time.perf_counter()
       run(_STEPS.value)
+      wall, after = time.perf_counter() - start, resource.getrusage(resource.RUSAGE_SELF)
       if r:  # Round 0 warms up.
-        times[name].append((time.perf_counter() - start) / _STEPS.value)
-  ms = {name: 1000 * float(np.median(t)) for name, t in times.items()}
+        kernel, faults = after.ru_stime - before.ru_stime, after.ru_minflt - before.ru_minflt
+        rounds[name].append(np.array([wall, kernel, faults]) / _STEPS.value)
+  medians = {name: np.median(x, axis=0) for name, x in rounds.items()}
+  ms = {name: 1000 * float(m[0]) for name, m in medians.items()}
   print(
-    f"\nThe demo's train step, {jax.devices()[0].device_kind}, median of {_ROUNDS.value} rounds"
+    f"\nThe demo's train step, {jax.devices()[0].device_kind}, median of {_ROUNDS.value} rounds, "
+    f"GLIBC_TUNABLES={os.environ.get('GLIBC_TUNABLES', '')!r}"
   )
-  for name, value in ms.items():
-    print(f"{name:28s} {value:7.1f} ms/step")
+  for name, (wall, kernel, faults) in medians.items():
+    print(
+      f"{name:28s} {1000 * wall:7.1f} ms/step, {1000 * kernel:5.1f} ms in the kernel, "
+      f"{faults:6.0f} page faults"
+    )
   base, new = ms.values()
   print(f"{'stored / in the step':28s} {new / base:7.2f}")
 

@@ -36,9 +36,9 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   # config.generate) instead of the paper's unshifted logit-normal. Layout and colours are set at
   # high noise; named-colour recall 0.63 -> 0.69 / 0.70 on seeds 1 / 2 (README).
   config.diffusion.timesteps.generation.shift = 1 / 3
-  # 4000 steps for time: the whole demo took 15.4 min on 2 cores (14.6 at that machine's faster
-  # speed; 4500 steps: 16.0 min); held-out mIoU 0.844 -> 0.828 and colour recall 0.692 -> 0.681,
-  # means of three seeds (README).
+  # 4000 steps for time: the whole demo takes 11.8 min on 2 cores (15.4 before XLA's buffers got
+  # huge pages, runtime/host_memory.py; 4500 steps then: 16.0 min); held-out mIoU 0.844 -> 0.828
+  # and colour recall 0.692 -> 0.681, means of three seeds (README).
   config.total_steps = 4000
   config.optimizer.update(lr=3e-3, min_lr=1e-5, warmup_steps=100, b2=0.95)
   config.mesh = dict(data=1, fsdp=-1, tensor=1)

@@ -1,4 +1,4 @@
-"""The README's first command as printed, at full length (~15 minutes on 2 cores): not part of
+"""The README's first command as printed, at full length (~12 minutes on 2 cores): not part of
 the default run (`-m "not full_demo"` in pyproject.toml); CI runs it after the suite with
 `pytest -m full_demo`, on a CPU other than the one the README's figures come from."""
 
