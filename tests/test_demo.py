@@ -14,10 +14,19 @@ from PIL import Image
 from launch import demo as launch_demo
 
 STEPS = 400
-# mIoU on the training scenes: measured 0.779 after training, 0.000 at initialization, and 0.389
-# / 0.438 for the every-shape / largest-shape baselines (2-core CPU).
+# mIoU on the training scenes: measured 0.852 / 0.793 / 0.845 after training (seeds 0 / 1 / 2),
+# <= 0.018 at initialization, and 0.389 / 0.438 for the every-shape / largest-shape baselines
+# (2-core CPU). The test runs seed 0; another CPU rounds like another seed.
 LEARNED_MARGIN = 0.4  # Over initialization.
 TEXT_MARGIN = 0.1  # Over the better baseline: the masks follow the text.
+# Named-colour recall of the images from 32 held-out captions, seeds 0 / 1 / 2: trained 0.365 /
+# 0.341 / 0.329 (precision 0.62-0.65), untrained 0.024 / 0.141 / 0.435 (precision 0.29-0.60); the
+# VAE round trip 0.788 (one VAE for every seed). The untrained figure is set by the initialization
+# alone, so it stays at seed 0's on any CPU; an initialization whose noise decodes to many colours
+# scores a high recall at a low precision (seed 2), which the 400-step model does not beat: the
+# full demo's does, on every seed (tests/test_full_demo.py).
+VAE_RECALL = 0.6
+RECALL_OVER_UNTRAINED = 0.15
 
 
 def losses(workdir: str, key: str) -> np.ndarray:
@@ -62,9 +71,9 @@ def test_short_demo_runs_learns_and_resumes(short_demo):
     "real scenes",
     "VAE round trip",
   }
-  # No colour measure here: the shortened demo's 600-step VAE keeps none of the colours (its
-  # round trip scores recall 0.0; the full demo's 0.997), so neither can its images.
-  # tests/test_full_demo.py checks the full demo's images against the untrained model's.
+  trained, untrained = generation["GenMask (trained)"], generation["GenMask (initialization)"]
+  assert generation["VAE round trip"]["recall"] >= VAE_RECALL
+  assert trained["recall"] >= untrained["recall"] + RECALL_OVER_UNTRAINED
   assert os.path.exists(os.path.join(workdir, "eval", "heldout_overlays.png"))
   assert os.listdir(os.path.join(workdir, "genmask", "tensorboard"))
 
