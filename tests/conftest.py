@@ -108,8 +108,8 @@ SHORT_DEMO = [
   "--config.checkpoint.every=200",
   "--config.log_every=50",
   "--config.generate.num_steps=8",
-  # The generation sampler the short model's figures in tests/test_run_inference.py were measured
-  # with; under the full demo's shift 3 that model misses the 91 x 37 user image there (measured).
+  # The generation timesteps the short model's figures (tests/test_demo.py, test_run_inference.py)
+  # were measured with: the paper's unshifted sampler, not the full demo's shift 3.
   "--config.diffusion.timesteps.generation.shift=1.0",
 ]
 # One CPU device and no glibc tunables (the demo sets its own), as a user runs it.

@@ -73,8 +73,11 @@ def test_predict_with_the_workdir_alone_reproduces_the_evaluation(demo, tmp_path
     Image.fromarray(records.decode_image(reader[i])).save(path)
     images.append(f"--image={path}")
     texts.append(f"--text={reader[i]['text']}")
-  user = {"large": user_scene(0, 128, 128), "odd": user_scene(0, 96, 96)}
-  user["wide"] = user_scene(0, 140, 200)
+  user = {
+    "large": user_scene(0, 128, 128),
+    "odd": user_scene(0, 96, 96),
+    "wide": user_scene(0, 140, 200),  # Where its mask lands: tests/test_full_demo.py.
+  }
   for name, (image, _, text) in user.items():
     Image.fromarray(image).save(tmp_path / f"{name}.png")
     images.append(f"--image={tmp_path / name}.png")
