@@ -40,6 +40,7 @@ from configs import models as model_configs  # noqa: E402
 from configs.genmask import get_config  # noqa: E402
 from genmask_jax.conversion.dit import diffusers_kwargs  # noqa: E402
 from genmask_jax.inference import model as inference
+from genmask_jax.models.dit import REMAT_POLICIES  # noqa: E402
 from genmask_jax.models.genmask import Models, frozen_vae_params  # noqa: E402
 from genmask_jax.models.vae import spatial_stride  # noqa: E402
 from genmask_jax.runtime import sharding
@@ -346,11 +347,14 @@ def main() -> None:
   size.add_argument("--tiny", action="store_true", help="tiny models (CPU smoke test)")
   parser.add_argument("--repeats", type=int, help="timed repetitions (default: the preset's)")
   parser.add_argument("--peak_tflops", type=float, help="device peak for MFU (default: by name)")
+  parser.add_argument("--remat", choices=["none", *REMAT_POLICIES], help="(default: the preset's)")
   args = parser.parse_args()
 
   preset = dict(PRESETS["mid" if args.mid else "tiny" if args.tiny else "1.3b"])
   if args.repeats:
     preset["repeats"] = args.repeats
+  if args.remat:
+    preset["remat"] = args.remat
   jax_device = jax.local_devices()[0]
   on_gpu = jax_device.platform == "gpu"
   if on_gpu != torch.cuda.is_available():

@@ -42,7 +42,7 @@ def wan_dit(size: str = "1.3b") -> ml_collections.ConfigDict:
     dtype="float32",  # Compute dtype; parameters stay fp32.
     attention="xla",  # xla | jax_xla | cudnn (GPU) | splash (TPU)
     attention_block_sizes=dict(SPLASH_BLOCK_SIZES),  # splash tiles
-    # none | full | dots | dots_no_batch | save_attention | save_attention_ffn
+    # none | full | dots | dots_no_batch | save_attention | save_attention_ffn | dots_attention
     remat_policy="none",
     # Layers per iteration of the layer scan; num_layers unrolls it into straight-line code.
     scan_unroll=1,

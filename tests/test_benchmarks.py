@@ -48,7 +48,7 @@ def test_gpu_benchmark_tiny_runs_on_cpu():
   # One torch thread: spinning OpenMP threads stall badly on a busy shared CPU.
   env = dict(os.environ, JAX_PLATFORMS="cpu", OMP_NUM_THREADS="1")
   result = subprocess.run(
-    [sys.executable, "-m", "benchmarks.gpu", "--tiny"],
+    [sys.executable, "-m", "benchmarks.gpu", "--tiny", "--remat=dots_attention"],
     env=env,
     capture_output=True,
     text=True,
@@ -66,6 +66,7 @@ def test_gpu_benchmark_tiny_runs_on_cpu():
     # The columns are printed rounded (4 and 3 significant digits), hence the loose tolerance.
     assert ratio == pytest.approx(ours / theirs, rel=0.1, abs=0.01), label
   assert re.search(r"train peak memory \(GiB\)\s+[\d.]+\s+n/a", result.stdout)
+  assert "remat dots_attention; diffusers: SDPA, gradient checkpointing" in result.stdout
 
 
 def test_vlm_precompute_benchmark_tiny_runs_on_cpu():

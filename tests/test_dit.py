@@ -1,6 +1,8 @@
 """WanDiT parity with diffusers' WanTransformer3DModel through our converter (fp32, CPU)."""
 
+import contextlib
 import functools
+import io
 import json
 
 import diffusers
@@ -21,7 +23,7 @@ from genmask_jax.conversion.dit import (
   diffusers_to_original_name,
 )
 from genmask_jax.conversion.tensor_files import CheckpointError
-from genmask_jax.models.dit import WanDiT
+from genmask_jax.models.dit import REMAT_POLICIES, WanDiT
 
 TOL = 1e-4
 
@@ -358,10 +360,7 @@ def test_jit_bf16_runs_close_to_fp32(converted):
 @pytest.mark.parametrize(
   "overrides",
   [
-    *(
-      {"remat_policy": p}
-      for p in ("full", "dots", "dots_no_batch", "save_attention", "save_attention_ffn")
-    ),
+    *({"remat_policy": p} for p in REMAT_POLICIES),
     {"scan_unroll": 2},  # The tiny DiT's two layers as straight-line code.
     {"scan_unroll": 2, "remat_policy": "full"},
   ],
@@ -378,3 +377,24 @@ def test_remat_and_unroll_same_loss_and_grads(converted, overrides):
   base = jax.value_and_grad(loss)(converted["diffusers"], {})
   other = jax.value_and_grad(loss)(converted["diffusers"], overrides)
   jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, atol=1e-6, rtol=1e-5), base, other)
+
+
+@pytest.mark.parametrize("policy,keeps_attention", [("dots", False), ("dots_attention", True)])
+def test_dots_attention_keeps_the_attention_output(policy, keeps_attention):
+  """The attention output is tagged by name (every kernel: a cuDNN or splash call is no dot), so
+  "dots_attention" keeps it for the backward pass; "dots" keeps the score matmuls instead."""
+  cfg = setup()[0]
+  x, context = inputs(np.random.default_rng(5), 2, 1, 4, 4)
+  model = WanDiT(**{**cfg.to_dict(), "remat_policy": policy})
+  params = model.init(jax.random.key(0), x, jnp.zeros(2), context)["params"]
+  saved = io.StringIO()
+  with contextlib.redirect_stdout(saved):
+    jax.ad_checkpoint.print_saved_residuals(
+      lambda p: jnp.mean(model.apply({"params": p}, x, jnp.zeros(2), context) ** 2), params
+    )
+  # Stacked over the layer scan: (layers, batch, noisy tokens, heads, head_dim) and the scores.
+  layers, heads, tokens = cfg.num_layers, cfg.num_heads, 2 * 2  # 4 x 4 latents, 2 x 2 patches.
+  attention_out = f"f32[{layers},2,{tokens},{heads},{cfg.dim // heads}]"
+  scores = f"f32[{layers},2,{heads},{tokens},{tokens}]"
+  assert (attention_out in saved.getvalue()) == keeps_attention, saved.getvalue()
+  assert (scores in saved.getvalue()) != keeps_attention, saved.getvalue()

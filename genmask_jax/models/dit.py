@@ -36,6 +36,12 @@ REMAT_POLICIES = {
   "save_attention": _save(QKV, attention.CHECKPOINT_NAME),
   # Also keep the FFN hidden layer, the largest activation (L x ffn_dim).
   "save_attention_ffn": _save(QKV, attention.CHECKPOINT_NAME, FFN_HIDDEN),
+  # Every weight matmul's output and the attention output (maxtext's choice on H100): the backward
+  # recomputes only norms, modulation and activations. The attention kernel is no dot (cuDNN's is
+  # a custom call), so "dots" alone would run it again; its output is kept by name.
+  "dots_attention": jax.checkpoint_policies.save_from_both_policies(
+    jax.checkpoint_policies.dots_with_no_batch_dims_saveable, _save(attention.CHECKPOINT_NAME)
+  ),
 }
 
 
