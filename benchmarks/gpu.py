@@ -3,16 +3,18 @@
   python -m benchmarks.gpu            # 1.3B DiT + WAN VAE, 512x512, bf16 (a GPU)
   python -m benchmarks.gpu --mid      # mid-size DiT, small VAE, fp32 (CPU figures)
   python -m benchmarks.gpu --tiny     # tiny models (a CPU smoke test for CI)
+  python -m benchmarks.gpu --remat=dots_attention --dtype=bfloat16   # a preset's settings changed
 
 Both sides get random weights of the same architecture and the same work, on the same device:
 - train step: VAE-encode the segmentation masks, their images and the generation images
   (frozen, no gradient), DiT forward and backward on the segmentation sub-batch (N noisy + N
   condition tokens, per-token timesteps) and the generation sub-batch (N tokens), MSE on the
   velocity, global-norm clipping and AdamW with fp32 master weights. Ours is
-  `genmask_jax.training.train.train_step` (remat policy from the preset); diffusers' model runs
-  under autocast with gradient checkpointing when ours rematerializes.
+  `genmask_jax.training.train.train_step` (remat policy from the preset or --remat); diffusers'
+  model runs under autocast with gradient checkpointing when ours rematerializes.
 - one-step segmentation: image encode, one DiT forward at t = 1, VAE decode to mask logits;
-  weights in the compute dtype; masks/s at each batch size.
+  weights in the compute dtype; masks/s at each batch size, and the IoU of the largest batch's
+  masks with the same model's in fp32 (weights and compute; 1 when the preset is fp32).
 MFU divides the analytic model FLOPs below (no recomputation counted) by the step time and the
 device's dense bf16 peak. Peak memory is the allocator's high-water mark on a GPU; on CPU, ours
 is XLA's compile-time estimate and diffusers' is not measured.
@@ -196,6 +198,7 @@ def jax_benchmark(config, preset: dict, data: dict) -> dict:
         + m.temp_size_in_bytes
       )
 
+    fp32 = {"dit": holder[0].params["dit"]}, vae
     params = {"dit": inference_weights(holder[0].params["dit"], config.dit.dtype)}
     vae = inference_weights(vae, config.vae.dtype)
     segment = inference.segmenter(models, config)
@@ -204,6 +207,12 @@ def jax_benchmark(config, preset: dict, data: dict) -> dict:
       inputs = [jax.device_put(np.resize(part[k], (b, *part[k].shape[1:]))) for k in SEGMENT_KEYS]
       run = lambda inputs=inputs: segment(params, vae, *inputs).block_until_ready()
       results[f"segment_{b}"] = b / median_seconds(run, preset["repeats"])
+    # The masks of the largest batch against the same model's in fp32 (weights and compute).
+    config32 = config.copy_and_resolve_references()
+    config32.dit.dtype = config32.vae.dtype = "float32"
+    ref = inference.segmenter(Models.from_config(config32), config32)(*fp32, *inputs) > 0
+    masks = np.asarray(segment(params, vae, *inputs) > 0)
+    results["mask_iou_vs_fp32"] = (masks & ref).sum() / max((masks | ref).sum(), 1)
   return results
 
 
@@ -334,6 +343,7 @@ def report(ours: dict, theirs: dict, flops: int, peak: float | None, preset: dic
     fmt = lambda x, scale=scale: f"{x * scale:>10.4g}" if x is not None else f"{'n/a':>10}"
     ratio = f"{a / b:>15.3g}" if a is not None and b is not None else f"{'n/a':>15}"
     lines.append(f"{label:<28} {fmt(a)} {fmt(b)} {ratio}")
+  lines.append(f"{'masks vs fp32 (IoU)':<28} {ours['mask_iou_vs_fp32']:>10.4f}")
   if peak:
     mfu = lambda r: flops / r["train_s"] / peak
     lines.append(f"{'train MFU':<28} {mfu(ours):>10.1%} {mfu(theirs):>10.1%}")
@@ -348,13 +358,11 @@ def main() -> None:
   parser.add_argument("--repeats", type=int, help="timed repetitions (default: the preset's)")
   parser.add_argument("--peak_tflops", type=float, help="device peak for MFU (default: by name)")
   parser.add_argument("--remat", choices=["none", *REMAT_POLICIES], help="(default: the preset's)")
+  parser.add_argument("--dtype", choices=["bfloat16", "float32"], help="(default: the preset's)")
   args = parser.parse_args()
 
   preset = dict(PRESETS["mid" if args.mid else "tiny" if args.tiny else "1.3b"])
-  if args.repeats:
-    preset["repeats"] = args.repeats
-  if args.remat:
-    preset["remat"] = args.remat
+  preset.update({k: getattr(args, k) for k in ("repeats", "remat", "dtype") if getattr(args, k)})
   jax_device = jax.local_devices()[0]
   on_gpu = jax_device.platform == "gpu"
   if on_gpu != torch.cuda.is_available():
