@@ -198,7 +198,7 @@ def jax_benchmark(config, preset: dict, data: dict) -> dict:
         + m.temp_size_in_bytes
       )
 
-    fp32 = {"dit": holder[0].params["dit"]}, vae
+    fp32_params, fp32_vae = {"dit": holder[0].params["dit"]}, vae
     params = {"dit": inference_weights(holder[0].params["dit"], config.dit.dtype)}
     vae = inference_weights(vae, config.vae.dtype)
     segment = inference.segmenter(models, config)
@@ -210,7 +210,8 @@ def jax_benchmark(config, preset: dict, data: dict) -> dict:
     # The masks of the largest batch against the same model's in fp32 (weights and compute).
     config32 = config.copy_and_resolve_references()
     config32.dit.dtype = config32.vae.dtype = "float32"
-    ref = inference.segmenter(Models.from_config(config32), config32)(*fp32, *inputs) > 0
+    segment32 = inference.segmenter(Models.from_config(config32), config32)
+    ref = np.asarray(segment32(fp32_params, fp32_vae, *inputs) > 0)
     masks = np.asarray(segment(params, vae, *inputs) > 0)
     results["mask_iou_vs_fp32"] = (masks & ref).sum() / max((masks | ref).sum(), 1)
   return results
