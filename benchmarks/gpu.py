@@ -15,7 +15,7 @@ Both sides get random weights of the same architecture and the same work, on the
 - one-step segmentation: image encode, one DiT forward at t = 1, VAE decode to mask logits;
   weights in the compute dtype; masks/s at each batch size, and the IoU of the largest batch's
   masks with the same model's in fp32 (weights and compute; 1 when the preset is fp32).
-MFU divides the analytic model FLOPs below (no recomputation counted) by the step time and the
+MFU divides the analytic model FLOPs (genmask_jax/models/flops.py; no recomputation counted) by the step time and the
 device's dense bf16 peak. Peak memory is the allocator's high-water mark on a GPU; on CPU, ours
 is XLA's compile-time estimate and diffusers' is not measured.
 """
@@ -43,6 +43,7 @@ from configs.genmask import get_config  # noqa: E402
 from genmask_jax.conversion.dit import diffusers_kwargs  # noqa: E402
 from genmask_jax.inference import model as inference
 from genmask_jax.models.dit import REMAT_POLICIES  # noqa: E402
+from genmask_jax.models.flops import train_step_flops  # noqa: E402
 from genmask_jax.models.genmask import Models, frozen_vae_params  # noqa: E402
 from genmask_jax.models.vae import spatial_stride  # noqa: E402
 from genmask_jax.runtime import sharding
@@ -67,66 +68,6 @@ PRESETS = {
 PEAK_BF16_FLOPS = {"H100 PCIe": 756e12, "H100": 989e12, "H200": 989e12, "A100": 312e12}
 GIB = 2**30
 SEGMENT_KEYS = ("image", "text", "text_mask")
-
-
-# ---------------------------------------------------------------- analytic FLOPs (2 per MAC)
-
-
-def dit_forward_flops(cfg: ml_collections.ConfigDict, tokens: int, noisy: int, text: int) -> int:
-  """One sample's DiT forward: `tokens` through the blocks, `noisy` of them through the head,
-  `text` text tokens. The per-slot time embedding (a few D x D products) is left out."""
-  d, f = cfg.dim, cfg.ffn_dim
-  patch = math.prod(cfg.patch_size)
-  per_layer = (
-    2 * tokens * d * d * 4  # self-attention q, k, v, o
-    + 2 * tokens * tokens * d * 2  # self-attention logits and weighted values
-    + 2 * tokens * d * d * 2  # cross-attention q, o
-    + 2 * text * d * d * 2  # cross-attention k, v of the text
-    + 2 * tokens * text * d * 2  # cross-attention logits and weighted values
-    + 2 * tokens * d * f * 2  # FFN
-  )
-  embeddings = (
-    2 * tokens * patch * cfg.in_dim * d  # patch embedding
-    + 2 * text * (cfg.text_dim * d + d * d)  # text embedding MLP
-    + 2 * noisy * d * patch * cfg.out_dim  # head
-  )
-  return cfg.num_layers * per_layer + embeddings
-
-
-def vae_encode_flops(cfg: ml_collections.ConfigDict, resolution: int) -> int:
-  """One image's WAN VAE encode (convs and the mid-block attention)."""
-  conv = lambda side, k, c_in, c_out: 2 * side * side * k * k * c_in * c_out
-  side, c = resolution, cfg.base_dim
-  total = conv(side, 3, 3, c)
-  for i, mult in enumerate(cfg.dim_mult):
-    for _ in range(cfg.num_res_blocks):
-      width = cfg.base_dim * mult
-      shortcut = conv(side, 1, c, width) if c != width else 0
-      total += conv(side, 3, c, width) + conv(side, 3, width, width) + shortcut
-      c = width
-    if i < len(cfg.dim_mult) - 1:
-      side //= 2
-      total += conv(side, 3, c, c)  # Stride-2 conv, counted at its output size.
-  pixels = side * side
-  mid_res = 2 * 2 * conv(side, 3, c, c)
-  mid_attention = conv(side, 1, c, 3 * c) + 2 * pixels * pixels * c * 2 + conv(side, 1, c, c)
-  head = conv(side, 3, c, 2 * cfg.z_dim) + conv(side, 1, 2 * cfg.z_dim, 2 * cfg.z_dim)
-  return total + mid_res + mid_attention + head
-
-
-def train_step_flops(config: ml_collections.ConfigDict, batch: int, resolution: int) -> int:
-  """Model FLOPs of one train step: DiT forward + backward (3x forward) on `batch`
-  segmentation samples (N noisy + N condition tokens) and `batch` generation samples (N tokens),
-  plus the frozen VAE encodes (masks, their images, generation images)."""
-  side = resolution // spatial_stride(config.vae.dim_mult)
-  n = (side // config.dit.patch_size[1]) * (side // config.dit.patch_size[2])
-  text = config.data.text_len
-  segmentation = dit_forward_flops(config.dit, 2 * n, n, text)
-  generation = dit_forward_flops(config.dit, n, n, text)
-  encodes = 3 * batch  # Masks and images of the segmentation samples, generation images.
-  return 3 * batch * (segmentation + generation) + encodes * vae_encode_flops(
-    config.vae, resolution
-  )
 
 
 # ---------------------------------------------------------------- shared set-up
@@ -374,7 +315,8 @@ def main() -> None:
   torch_device = torch.device("cuda" if on_gpu else "cpu")
   config = benchmark_config(preset, attention="cudnn" if on_gpu else "xla")
   data = host_batch(config, preset["train_batch"], preset["resolution"], np.random.default_rng(0))
-  flops = train_step_flops(config, preset["train_batch"], preset["resolution"])
+  batch = preset["train_batch"]
+  flops = train_step_flops(config, batch, batch, preset["resolution"])
 
   theirs = torch_benchmark(config, preset, data, torch_device)  # First: JAX keeps its pool.
   if on_gpu:

@@ -40,7 +40,9 @@ def wan_dit(size: str = "1.3b") -> ml_collections.ConfigDict:
     use_text_mask=False,  # False reproduces WAN's unmasked zero padding.
     cond_frame_start=-1,  # RoPE frame of the condition tokens; -1: right after the noisy frames.
     dtype="float32",  # Compute dtype; parameters stay fp32.
-    attention="xla",  # xla | jax_xla | cudnn (GPU) | splash (TPU)
+    # auto: the target's kernel (splash on TPU, cudnn on GPU in bf16, else xla) | xla | jax_xla |
+    # cudnn | splash
+    attention="auto",
     attention_block_sizes=dict(SPLASH_BLOCK_SIZES),  # splash tiles
     # none | full | dots | dots_no_batch | save_attention | save_attention_ffn | dots_attention
     remat_policy="none",

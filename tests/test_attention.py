@@ -155,3 +155,25 @@ def test_dit_config_selects_cudnn(monkeypatch):
   out, _ = dit_forward({"attention": "cudnn"}, params)
   assert set(calls) == {("cudnn", "self"), ("cudnn", "cross")}
   np.testing.assert_allclose(out, ref, atol=1e-5)
+
+
+def test_splash_model_initializes_on_a_sharded_batch():
+  """The train state of a splash DiT is created on 4 fake devices with the batch split over
+  fsdp = 4 (the kernel is mapped over batch shards, so initialization needs a sample on each),
+  with the same parameters as the reference kernel's."""
+  from configs.genmask import get_config
+  from genmask_jax.models.genmask import Models
+  from genmask_jax.training import train
+  from genmask_jax.training.optimizer import make_optimizer
+
+  def state(kernel):
+    config = get_config("tiny")
+    config.dit.attention = kernel
+    mesh = sharding.make_mesh(config.mesh, jax.devices()[:4])
+    models, optimizer = Models.from_config(config), make_optimizer(config.optimizer)
+    with jax.set_mesh(mesh), nn.logical_axis_rules(sharding.DEFAULT_RULES):
+      return train.initial_train_state(models, config, optimizer, mesh, sharding.DEFAULT_RULES)
+
+  splash, reference = state("splash"), state("xla")
+  assert splash.params["dit"]["blocks"]["ffn_in"]["kernel"].sharding.spec[1] == "fsdp"
+  jax.tree.map(np.testing.assert_array_equal, splash.params, reference.params)

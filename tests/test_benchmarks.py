@@ -1,4 +1,4 @@
-"""The benchmarks: analytic FLOPs agree with XLA's count; each script runs on CPU at toy size."""
+"""The benchmarks: each script runs on CPU at toy size."""
 
 import json
 import os
@@ -13,35 +13,6 @@ import pytest
 from benchmarks import gpu
 from configs.models import wan_dit, wan_vae
 from genmask_jax.data import records, synthetic
-from genmask_jax.models.dit import WanDiT
-from genmask_jax.models.vae import WanVAE
-
-
-def xla_flops(fn, *args) -> float:
-  return jax.jit(fn).lower(*args).compile().cost_analysis()["flops"]
-
-
-def test_dit_flops_match_xla_count():
-  """One block (XLA counts a scanned body once), 256 noisy + 256 condition tokens, text 64."""
-  cfg = wan_dit("mid")
-  cfg.num_layers = 1
-  model = WanDiT(**cfg.to_dict())
-  x, t, context = jnp.zeros((1, 1, 32, 32, 16)), jnp.zeros((1,)), jnp.zeros((1, 64, cfg.text_dim))
-  params = jax.eval_shape(model.init, jax.random.key(0), x, t, context, cond=x)["params"]
-  counted = xla_flops(lambda p: model.apply({"params": p}, x, t, context, cond=x), params)
-  analytic = gpu.dit_forward_flops(cfg, tokens=512, noisy=256, text=64)
-  # XLA also counts the elementwise work (norms, softmax, GELU): about 1% here.
-  assert 0.97 < analytic / counted < 1.0
-
-
-def test_vae_encode_flops_match_xla_count():
-  cfg = wan_vae("small")
-  model = WanVAE(**cfg.to_dict())
-  images = jnp.zeros((1, 128, 128, 3))
-  params = jax.eval_shape(model.init, jax.random.key(0), images)["params"]
-  counted = xla_flops(lambda p: model.apply({"params": p}, images, method=WanVAE.encode), params)
-  # XLA skips the zero-padded border taps of 3x3 convs; the analytic count includes them.
-  assert 1.0 < gpu.vae_encode_flops(cfg, 128) / counted < 1.05
 
 
 def test_gpu_benchmark_tiny_runs_on_cpu():

@@ -1,5 +1,10 @@
 """Multi-head attention behind one function; the kernel is chosen by name (config).
 
+"auto" picks the kernel of the device the computation is compiled for (the mesh in context, or
+the default backend without one), never of the host that compiles it: splash on TPU, cuDNN on
+GPU (bf16 / fp16 compute), the XLA reference otherwise. A Pallas TPU kernel runs interpreted
+only when the target is not a TPU (tests on CPU).
+
 All implementations take q (B, Lq, H, D), k and v (B, Lk, H, D), an optional key mask
 (B, Lk) (True = attend) and splash's tile sizes, and return (B, Lq, H, D) in v's dtype. A query
 whose keys are all masked averages all Lk values uniformly, as a softmax over equal logits does.
@@ -76,7 +81,15 @@ def _heads_first(x: jax.Array, length: int) -> jax.Array:
   return jnp.pad(x, ((0, 0), (0, length - x.shape[1]), (0, 0), (0, 0))).swapaxes(1, 2)
 
 
-def _splash_shard(q, k, v, key_mask, block_sizes) -> jax.Array:
+def target_platform() -> str:
+  """The platform of the devices being compiled for: "tpu", "gpu" or "cpu"."""
+  mesh = jax.sharding.get_abstract_mesh()
+  if mesh.empty:
+    return jax.default_backend()
+  return mesh.abstract_device.platform
+
+
+def _splash_shard(q, k, v, key_mask, block_sizes, interpret: bool) -> jax.Array:
   """Splash attention on one shard: sequences padded to whole tiles, padded keys masked
   through segment ids, padded queries dropped."""
   (lq, heads, head_dim), lk = q.shape[1:], k.shape[1]
@@ -88,7 +101,7 @@ def _splash_shard(q, k, v, key_mask, block_sizes) -> jax.Array:
     head_shards=1,
     q_seq_shards=1,
     residual_checkpoint_name=CHECKPOINT_NAME,
-    interpret=jax.default_backend() == "cpu",  # Pallas TPU kernels run interpreted on CPU.
+    interpret=interpret,
   )
   query_ids = jnp.ones((lq_pad,), jnp.int32)
   key_ids = jnp.pad(key_mask, ((0, 0), (0, lk_pad - lk))).astype(jnp.int32)
@@ -108,7 +121,11 @@ def _splash(q, k, v, key_mask, block_sizes) -> jax.Array:
   """Pallas splash attention (TPU), run per batch / head shard of the mesh in context."""
   if key_mask is None:
     key_mask = jnp.ones(k.shape[:2], bool)
-  run = functools.partial(_splash_shard, block_sizes=block_sizes or SPLASH_BLOCK_SIZES)
+  run = functools.partial(
+    _splash_shard,
+    block_sizes=block_sizes or SPLASH_BLOCK_SIZES,
+    interpret=target_platform() != "tpu",
+  )
   mesh = jax.sharding.get_abstract_mesh()
   if mesh.empty:
     return run(q, k, v, key_mask)
@@ -128,6 +145,25 @@ IMPLEMENTATIONS: dict[str, Callable[..., jax.Array]] = {
   "jax_xla": functools.partial(_jax_nn, implementation="xla"),
   "splash": _splash,
 }
+AUTO = "auto"
+FLASH_DTYPES = (jnp.bfloat16, jnp.float16)  # What cuDNN's flash attention computes in.
+
+
+def resolve(impl: str, dtype: jnp.dtype) -> str:
+  """The kernel `impl` names; for "auto", the target platform's kernel for `dtype` inputs."""
+  if impl != AUTO:
+    if impl not in IMPLEMENTATIONS:
+      raise ValueError(
+        f"unknown attention implementation {impl!r}; available: {AUTO} or "
+        f"{sorted(IMPLEMENTATIONS)}"
+      )
+    return impl
+  platform = target_platform()
+  if platform == "tpu":
+    return "splash"
+  if platform == "gpu" and dtype in FLASH_DTYPES:
+    return "cudnn"
+  return "xla"
 
 
 def dot_product_attention(
@@ -139,13 +175,11 @@ def dot_product_attention(
   impl: str = "xla",
   block_sizes: Mapping[str, int | bool] | None = None,
 ) -> jax.Array:
-  """Softmax attention with scale 1/sqrt(head_dim), using the kernel named `impl`.
+  """Softmax attention with scale 1/sqrt(head_dim), using the kernel named `impl` ("auto": the
+  target's, see `resolve`).
 
   block_sizes: splash's tiles (fields of `splash.BlockSizes`; None: `SPLASH_BLOCK_SIZES`);
   the other kernels choose their own.
   """
-  if impl not in IMPLEMENTATIONS:
-    raise ValueError(
-      f"unknown attention implementation {impl!r}; available: {sorted(IMPLEMENTATIONS)}"
-    )
-  return checkpoint_name(IMPLEMENTATIONS[impl](q, k, v, key_mask, block_sizes), CHECKPOINT_NAME)
+  kernel = IMPLEMENTATIONS[resolve(impl, q.dtype)]
+  return checkpoint_name(kernel(q, k, v, key_mask, block_sizes), CHECKPOINT_NAME)

@@ -249,7 +249,7 @@ class WanDiT(nn.Module):
   use_text_mask: bool = False
   cond_frame_start: int = -1
   dtype: str = "float32"
-  attention: str = "xla"
+  attention: str = "auto"  # models/attention.py: auto follows the target device.
   attention_block_sizes: Mapping[str, int | bool] | None = None  # Splash tiles; None: defaults.
   remat_policy: str = "none"
   scan_unroll: int = 1

@@ -60,18 +60,32 @@ class Models:
     return image_to_mask_logits(self.decode(vae_params, latents, clip=False))
 
   def init_params(self, rng: jax.Array) -> dict:
-    """Random trainable parameters, boxed with logical axis names."""
+    """Random trainable parameters, boxed with logical axis names.
+
+    The forward pass that creates them runs on as many samples as the mesh in context splits
+    the batch into: a kernel mapped over the batch shards (splash) needs at least one each.
+    """
     rng_dit, rng_head = jax.random.split(rng)
     _, ph, pw = self.dit.patch_size
-    latent = jnp.zeros((1, 1, 2 * ph, 2 * pw, self.vae.z_dim))
-    context = jnp.zeros((1, 1, self.dit.text_dim))
-    params = {"dit": self.dit.init(rng_dit, latent, jnp.zeros((1,)), context)["params"]}
+    batch = sharding.batch_shards()
+    latent = jnp.zeros((batch, 1, 2 * ph, 2 * pw, self.vae.z_dim))
+    context = jnp.zeros((batch, 1, self.dit.text_dim))
+    params = {"dit": self.dit.init(rng_dit, latent, jnp.zeros((batch,)), context)["params"]}
     if self.mask_head is not None:
       params["mask_head"] = self.mask_head.init(rng_head, latent[:, 0])["params"]
     return params
 
   def init_vae_params(self, rng: jax.Array) -> dict:
     return self.vae.init(rng, jnp.zeros((1, 8, 8, 3)))["params"]
+
+  # Shapes only: the key is made inside the trace, so that no concrete array is created (a
+  # compile-only TPU mesh in context could not hold one).
+  def abstract_params(self) -> dict:
+    """`init_params`' boxed shapes and dtypes, computed without creating any array."""
+    return jax.eval_shape(lambda: self.init_params(jax.random.key(0)))
+
+  def abstract_vae_params(self) -> dict:
+    return jax.eval_shape(lambda: self.init_vae_params(jax.random.key(0)))
 
 
 def vae_init_seed(config: ml_collections.ConfigDict) -> int | None:
@@ -82,8 +96,7 @@ def vae_init_seed(config: ml_collections.ConfigDict) -> int | None:
 def frozen_vae_params(models: Models, config: ml_collections.ConfigDict, mesh, rules) -> Any:
   """The VAE's parameters in their shardings: converted weights (`config.init.vae_weights`)
   or, when empty, a seeded random initialization (`vae_init_seed`)."""
-  boxed = jax.eval_shape(models.init_vae_params, jax.random.key(0))
-  abstract, shardings = sharding.abstract_with_shardings(boxed, mesh, rules)
+  abstract, shardings = sharding.abstract_with_shardings(models.abstract_vae_params(), mesh, rules)
   if config.init.vae_weights:
     return weights.restore(config.init.vae_weights, "vae", abstract)
   init = jax.jit(

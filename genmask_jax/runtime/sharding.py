@@ -69,6 +69,16 @@ def rules(config: ml_collections.ConfigDict | None = None) -> tuple[tuple[str, A
   )
 
 
+def batch_shards() -> int:
+  """Into how many shards the mesh and rules in context split the batch (1 without a mesh)."""
+  mesh = jax.sharding.get_abstract_mesh()
+  if mesh.empty:
+    return 1
+  axes = nn.logical_to_mesh_axes(("activation_batch",))[0]
+  axes = () if axes is None else (axes,) if isinstance(axes, str) else axes
+  return math.prod(mesh.shape[a] for a in axes)
+
+
 def strip_axis_names(tree: Any) -> Any:
   """The values of a tree boxed with axis names (no sharding constraint is applied)."""
   is_box = lambda x: isinstance(x, nn.Partitioned)

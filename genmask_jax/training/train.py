@@ -69,10 +69,8 @@ def eval_params(state: TrainState) -> Any:
 def abstract_train_state(models, config, optimizer, mesh, rules) -> tuple[TrainState, TrainState]:
   """The train state's shapes and shardings, derived without materializing anything."""
 
-  def init(rng):
-    return new_train_state(models.init_params(rng), optimizer, config)
-
-  return sharding.abstract_with_shardings(jax.eval_shape(init, jax.random.key(0)), mesh, rules)
+  init = lambda: new_train_state(models.init_params(jax.random.key(0)), optimizer, config)
+  return sharding.abstract_with_shardings(jax.eval_shape(init), mesh, rules)
 
 
 def initial_train_state(models, config, optimizer, mesh, rules) -> TrainState:
