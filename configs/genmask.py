@@ -49,6 +49,9 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   config.eval = dict(batch_size=8, every_steps=0, num_overlays=8, overlay_tile=256, splits=[])
 
   config.total_steps = 8000
+  # Gradient accumulation: each task's global batch is taken in this many parts, one after the
+  # other, for the same update in a part's activation memory (launch/compile.py --search).
+  config.microbatches = 1
   config.optimizer = dict(
     lr=5e-5,
     min_lr=1e-5,

@@ -5,7 +5,7 @@ before any data is read or any model is built, each error naming the fields invo
   "model": the model's own sizes (all modes): latent channels of the DiT vs the VAE, image
            resolutions vs the VAE's stride x the DiT's patch, the text length;
   "train": also the training sources' feature widths vs `dit.text_dim` and each task's global
-           batch vs the mesh, and, with `eval.every_steps`, what "eval" checks;
+           batch vs the mesh and `microbatches`, and, with `eval.every_steps`, what "eval" checks;
   "eval":  also a non-empty `eval.splits`, their feature widths and the evaluation batch vs
            the mesh.
 Feature stores given on a command line rather than in the config are checked where they are
@@ -75,8 +75,11 @@ def check_features(config: ml_collections.ConfigDict, field: str, features_dir: 
     )
 
 
-def check_batch(config: ml_collections.ConfigDict, field: str, global_batch: int) -> None:
-  """A global batch of `global_batch` rows (from `field`) splits over the mesh's batch axes."""
+def check_batch(
+  config: ml_collections.ConfigDict, field: str, global_batch: int, parts: int = 1
+) -> None:
+  """A global batch of `global_batch` rows (from `field`), in `parts` microbatches, splits over
+  the mesh's batch axes."""
   sizes = [config.mesh[axis] for axis in sharding.MESH_AXES]
   try:
     resolved = sharding.mesh_shape(sizes, jax.device_count())
@@ -84,11 +87,12 @@ def check_batch(config: ml_collections.ConfigDict, field: str, global_batch: int
     raise ConfigError(f"config: mesh {config.mesh.to_dict()}: {e}") from e
   shape = dict(zip(sharding.MESH_AXES, resolved, strict=True))
   shards = math.prod(shape[axis] for axis in sharding.BATCH_AXES)
-  if global_batch % shards:
+  if global_batch % (shards * parts):
+    into = f" in {parts} microbatches (config.microbatches)" if parts > 1 else ""
     raise ConfigError(
       f"config: {field} gives a global batch of {global_batch}, which does not split over the "
       f"{shards} batch shards of the mesh {shape} (data x fsdp over {jax.device_count()} "
-      f"devices): use a multiple of {shards}"
+      f"devices){into}: use a multiple of {shards * parts}"
     )
 
 
@@ -120,6 +124,8 @@ def validate(config: ml_collections.ConfigDict, mode: str) -> None:
       for i, source in enumerate(data.sources):
         check_features(config, f"data.{task}.sources[{i}].features", source["features"])
       if task == tasks.NAMES[tasks.SEGMENTATION] or data.sources:  # Segmentation always trains.
-        check_batch(config, f"data.{task}.global_batch_size", data.global_batch_size)
+        check_batch(
+          config, f"data.{task}.global_batch_size", data.global_batch_size, config.microbatches
+        )
   if mode == "eval" or (mode == "train" and config.eval.every_steps):
     _check_evaluation(config, mode)

@@ -2,6 +2,9 @@
 
 Models only know logical names (`embed`, `heads`, `activation_batch`, ...). A config gives the
 mesh shape over the axes (data, fsdp, tensor) and the rules; everything else is derived here.
+The shape is that of one slice: on several TPU slices (devices with distinct `slice_index`) the
+data axis also runs across them, over the data-center network, while fsdp and tensor stay
+within a slice, so that only the gradient reduction crosses slices.
 """
 
 from __future__ import annotations
@@ -14,6 +17,7 @@ import flax.linen as nn
 import jax
 import ml_collections
 import numpy as np
+from jax.experimental import mesh_utils
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 MESH_AXES = ("data", "fsdp", "tensor")
@@ -52,12 +56,24 @@ def mesh_shape(sizes: Sequence[int], num_devices: int) -> tuple[int, ...]:
   return tuple(sizes)
 
 
+def num_slices(devices: Sequence[Any]) -> int:
+  return len({getattr(d, "slice_index", None) or 0 for d in devices})
+
+
 def make_mesh(config: ml_collections.ConfigDict, devices: Sequence[Any] | None = None) -> Mesh:
-  """A mesh over (data, fsdp, tensor) from `config.{data,fsdp,tensor}` (-1 = the rest)."""
+  """A mesh over (data, fsdp, tensor) from one slice's `config.{data,fsdp,tensor}` (-1 = the
+  rest); with several slices, data spans them (data x slices)."""
   devices = list(devices if devices is not None else jax.devices())
-  shape = mesh_shape([config[a] for a in MESH_AXES], len(devices))
+  slices = num_slices(devices)
+  if len(devices) % slices:
+    raise ValueError(f"{len(devices)} devices do not split into {slices} equal slices")
+  per_slice = mesh_shape([config[a] for a in MESH_AXES], len(devices) // slices)
   auto = (jax.sharding.AxisType.Auto,) * len(MESH_AXES)
-  return jax.make_mesh(shape, MESH_AXES, axis_types=auto, devices=devices)
+  if slices == 1:
+    return jax.make_mesh(per_slice, MESH_AXES, axis_types=auto, devices=devices)
+  dcn = (slices,) + (1,) * (len(MESH_AXES) - 1)
+  grid = mesh_utils.create_hybrid_device_mesh(per_slice, dcn, devices)
+  return Mesh(grid, MESH_AXES, axis_types=auto)
 
 
 def rules(config: ml_collections.ConfigDict | None = None) -> tuple[tuple[str, Any], ...]:

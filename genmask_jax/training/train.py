@@ -115,6 +115,81 @@ def encode_batch(models: Models, vae_params, sub_batch: dict, task: int) -> dict
   return out
 
 
+def split_microbatches(batch: dict, count: int) -> dict:
+  """Each array (B, ...) of `batch` as (count, B / count, ...): microbatch i holds rows i,
+  i + count, ... so that every device keeps its own rows (no data moves)."""
+
+  def split(x):
+    micro = x.reshape(x.shape[0] // count, count, *x.shape[1:]).swapaxes(0, 1)
+    names = (None, "activation_batch") + (None,) * (x.ndim - 1)
+    return nn.with_logical_constraint(micro, names)
+
+  return jax.tree.map(split, batch)
+
+
+def batch_gradients(
+  models: Models, config: ml_collections.ConfigDict, params: Any, vae_params: Any, batch: dict, rng
+) -> tuple[Any, dict[str, jax.Array]]:
+  """(gradients, metrics) of the loss over a segmentation and (optionally) a generation
+  sub-batch: the mean per-sample loss over both."""
+  loss_fn = functools.partial(
+    losses.training_loss,
+    models.velocity,
+    config=config.diffusion,
+    vae_params=vae_params,
+    vae_mask_logits=models.vae_mask_logits,
+  )
+  parts = [(tasks.SEGMENTATION, batch["segmentation"])]
+  if "generation" in batch:
+    parts.append((tasks.GENERATION, batch["generation"]))
+  encoded = [(encode_batch(models, vae_params, b, task), task) for task, b in parts]
+
+  def total_loss(params):
+    total, count, metrics = 0.0, 0, {}
+    for sub_batch, task in encoded:
+      n = sub_batch["latents"].shape[0]
+      loss = loss_fn(params, sub_batch, jax.random.fold_in(rng, task), task=task)
+      total, count = total + loss * n, count + n
+      metrics[f"loss/{tasks.NAMES[task]}"] = loss
+    return total / count, metrics
+
+  (loss, metrics), grads = jax.value_and_grad(total_loss, has_aux=True)(params)
+  return grads, dict(metrics, loss=loss)
+
+
+def split_microbatches(batch: dict, count: int) -> dict:
+  """Each array (B, ...) of `batch` as (count, B / count, ...): microbatch i holds rows i,
+  i + count, ... so that every device keeps its own rows (no data moves)."""
+
+  def split(x):
+    micro = x.reshape(x.shape[0] // count, count, *x.shape[1:]).swapaxes(0, 1)
+    return nn.with_logical_constraint(micro, (None, "activation_batch") + (None,) * (x.ndim - 1))
+
+  return jax.tree.map(split, batch)
+
+
+def accumulated_gradients(
+  models: Models, config: ml_collections.ConfigDict, params: Any, vae_params: Any, batch: dict, rng
+) -> tuple[Any, dict[str, jax.Array]]:
+  """`batch_gradients` of the whole batch, taken in `config.microbatches` parts one after the
+  other (gradient accumulation: the activation memory of one part); part i draws its noise from
+  `rng` folded with i. Metrics and gradients are the parts' means."""
+  count = config.get("microbatches", 1)
+  gradients = functools.partial(batch_gradients, models, config, params, vae_params)
+  if count == 1:
+    return gradients(batch, rng)
+  micro = split_microbatches(batch, count)
+  shapes = jax.eval_shape(gradients, jax.tree.map(lambda x: x[0], micro), rng)
+  zeros = jax.tree.map(lambda x: jnp.zeros(x.shape, x.dtype), shapes)
+
+  def accumulate(sums, part):
+    i, micro_batch = part
+    return jax.tree.map(jnp.add, sums, gradients(micro_batch, jax.random.fold_in(rng, i))), None
+
+  sums, _ = jax.lax.scan(accumulate, zeros, (jnp.arange(count), micro))
+  return jax.tree.map(lambda x: x / count, sums)
+
+
 def train_step(
   models: Models,
   config: ml_collections.ConfigDict,
@@ -126,35 +201,14 @@ def train_step(
 ) -> tuple[TrainState, dict[str, jax.Array]]:
   """One update from a segmentation and (optionally) a generation sub-batch."""
   rng = jax.random.fold_in(rng, state.step)
-  parts = [(tasks.SEGMENTATION, batch["segmentation"])]
-  if "generation" in batch:
-    parts.append((tasks.GENERATION, batch["generation"]))
-  encoded = [(encode_batch(models, vae_params, b, task), task) for task, b in parts]
-  loss_fn = functools.partial(
-    losses.training_loss,
-    models.velocity,
-    config=config.diffusion,
-    vae_params=vae_params,
-    vae_mask_logits=models.vae_mask_logits,
-  )
-
-  def total_loss(params):
-    total, count, metrics = 0.0, 0, {}
-    for sub_batch, task in encoded:
-      n = sub_batch["latents"].shape[0]
-      loss = loss_fn(params, sub_batch, jax.random.fold_in(rng, task), task=task)
-      total, count = total + loss * n, count + n
-      metrics[f"loss/{tasks.NAMES[task]}"] = loss
-    return total / count, metrics
-
-  (loss, metrics), grads = jax.value_and_grad(total_loss, has_aux=True)(state.params)
+  grads, metrics = accumulated_gradients(models, config, state.params, vae_params, batch, rng)
   updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
   params = optax.apply_updates(state.params, updates)
   ema = state.ema_params
   if ema is not None:
     ema = ema_update(ema, params, config.optimizer.ema_decay, state.step)
   state = state.replace(step=state.step + 1, params=params, opt_state=opt_state, ema_params=ema)
-  metrics.update(loss=loss, grad_norm=optax.global_norm(grads))
+  metrics.update(grad_norm=optax.global_norm(grads))
   return state, metrics
 
 
