@@ -76,13 +76,18 @@ def check_features(config: ml_collections.ConfigDict, field: str, features_dir: 
 
 
 def check_batch(
-  config: ml_collections.ConfigDict, field: str, global_batch: int, parts: int = 1
+  config: ml_collections.ConfigDict,
+  field: str,
+  global_batch: int,
+  parts: int = 1,
+  num_devices: int | None = None,
 ) -> None:
   """A global batch of `global_batch` rows (from `field`), in `parts` microbatches, splits over
-  the mesh's batch axes."""
+  the mesh's batch axes on `num_devices` (default: this job's devices)."""
+  num_devices = num_devices or jax.device_count()
   sizes = [config.mesh[axis] for axis in sharding.MESH_AXES]
   try:
-    resolved = sharding.mesh_shape(sizes, jax.device_count())
+    resolved = sharding.mesh_shape(sizes, num_devices)
   except ValueError as e:
     raise ConfigError(f"config: mesh {config.mesh.to_dict()}: {e}") from e
   shape = dict(zip(sharding.MESH_AXES, resolved, strict=True))
@@ -91,7 +96,7 @@ def check_batch(
     into = f" in {parts} microbatches (config.microbatches)" if parts > 1 else ""
     raise ConfigError(
       f"config: {field} gives a global batch of {global_batch}, which does not split over the "
-      f"{shards} batch shards of the mesh {shape} (data x fsdp over {jax.device_count()} "
+      f"{shards} batch shards of the mesh {shape} (data x fsdp over {num_devices} "
       f"devices){into}: use a multiple of {shards * parts}"
     )
 

@@ -11,18 +11,20 @@ model is refused.
 
 On a TPU pod or a SLURM allocation start the same command on every host; `jax.distributed`
 is set up from the environment (or from --coordinator_address/--num_processes/--process_id).
+Compiled programs are cached under WORKDIR/compile_cache (genmask_jax/runtime/compile_cache.py):
+a restarted job loads them instead of compiling again.
 """
 
 from __future__ import annotations
 
 import os
 
-from absl import app, flags
+from absl import app, flags, logging
 from ml_collections import config_flags
 
 from genmask_jax import config_check
 from genmask_jax.inference import run
-from genmask_jax.runtime import distributed, log_filter
+from genmask_jax.runtime import compile_cache, distributed, log_filter
 from genmask_jax.training import preemption
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Config file.", lock_config=True)
@@ -39,6 +41,8 @@ def main(argv: list[str]) -> None:
     raise app.UsageError("--mode=train needs --config")
   log_filter.quiet_library_logs()
   distributed.initialize(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value)
+  cache = compile_cache.enable(_WORKDIR.value)
+  logging.info("compilation cache: %s", cache)
   if _MODE.value == "train":
     from genmask_jax.training import train
 

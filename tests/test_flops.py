@@ -61,3 +61,12 @@ def test_vae_encode_flops_match_xla_count():
   counted = xla_flops(lambda p: model.apply({"params": p}, images, method=WanVAE.encode), params)
   # XLA skips the zero-padded border taps of 3x3 convs; the analytic count includes them.
   assert 1.0 < flops.vae_encode_flops(cfg, 128) / counted < 1.05
+
+
+def test_vae_decode_flops_match_xla_count():
+  cfg = wan_vae("small")
+  model = WanVAE(**cfg.to_dict())
+  latents = jnp.zeros((1, 16, 16, cfg.z_dim))
+  params = jax.eval_shape(model.init, jax.random.key(0), jnp.zeros((1, 128, 128, 3)))["params"]
+  counted = xla_flops(lambda p: model.apply({"params": p}, latents, method=WanVAE.decode), params)
+  assert 1.0 < flops.vae_decode_flops(cfg, 128) / counted < 1.05

@@ -95,25 +95,53 @@ def dit_recompute_flops(
   return cfg.num_layers * sum(ops[name] for name in recomputed_ops(cfg.remat_policy, kernel))
 
 
+def _conv(side: int, kernel: int, c_in: int, c_out: int) -> int:
+  """A same-padded conv at `side` x `side` output pixels."""
+  return 2 * side * side * kernel * kernel * c_in * c_out
+
+
+def _residual_block(side: int, c_in: int, c_out: int) -> int:
+  shortcut = _conv(side, 1, c_in, c_out) if c_in != c_out else 0
+  return _conv(side, 3, c_in, c_out) + _conv(side, 3, c_out, c_out) + shortcut
+
+
+def _mid_block(side: int, c: int) -> int:
+  """Two residual blocks around single-head attention over all side^2 pixels."""
+  pixels = side * side
+  attention = _conv(side, 1, c, 3 * c) + 2 * 2 * pixels * pixels * c + _conv(side, 1, c, c)
+  return 2 * _residual_block(side, c, c) + attention
+
+
 def vae_encode_flops(cfg: ml_collections.ConfigDict, resolution: int) -> int:
   """One image's WAN VAE encode (convs and the mid-block attention)."""
-  conv = lambda side, k, c_in, c_out: 2 * side * side * k * k * c_in * c_out
   side, c = resolution, cfg.base_dim
-  total = conv(side, 3, 3, c)
+  total = _conv(side, 3, 3, c)
   for i, mult in enumerate(cfg.dim_mult):
     for _ in range(cfg.num_res_blocks):
-      width = cfg.base_dim * mult
-      shortcut = conv(side, 1, c, width) if c != width else 0
-      total += conv(side, 3, c, width) + conv(side, 3, width, width) + shortcut
-      c = width
+      total += _residual_block(side, c, cfg.base_dim * mult)
+      c = cfg.base_dim * mult
     if i < len(cfg.dim_mult) - 1:
       side //= 2
-      total += conv(side, 3, c, c)  # Stride-2 conv, counted at its output size.
-  pixels = side * side
-  mid_res = 2 * 2 * conv(side, 3, c, c)
-  mid_attention = conv(side, 1, c, 3 * c) + 2 * pixels * pixels * c * 2 + conv(side, 1, c, c)
-  head = conv(side, 3, c, 2 * cfg.z_dim) + conv(side, 1, 2 * cfg.z_dim, 2 * cfg.z_dim)
-  return total + mid_res + mid_attention + head
+      total += _conv(side, 3, c, c)  # Stride-2 conv, counted at its output size.
+  head = _conv(side, 3, c, 2 * cfg.z_dim) + _conv(side, 1, 2 * cfg.z_dim, 2 * cfg.z_dim)
+  return total + _mid_block(side, c) + head
+
+
+def vae_decode_flops(cfg: ml_collections.ConfigDict, resolution: int) -> int:
+  """One image's WAN VAE decode to `resolution` x `resolution` pixels."""
+  mults = tuple(reversed(cfg.dim_mult))
+  side, c = resolution // spatial_stride(cfg.dim_mult), cfg.base_dim * mults[0]
+  total = _conv(side, 1, cfg.z_dim, cfg.z_dim) + _conv(side, 3, cfg.z_dim, c)
+  total += _mid_block(side, c)
+  for i, mult in enumerate(mults):
+    for _ in range(cfg.num_res_blocks + 1):
+      total += _residual_block(side, c, cfg.base_dim * mult)
+      c = cfg.base_dim * mult
+    if i < len(mults) - 1:
+      side *= 2
+      total += _conv(side, 3, c, c // 2)  # After nearest x2 upsampling.
+      c //= 2
+  return total + _conv(side, 3, c, 3)
 
 
 def noisy_tokens(config: ml_collections.ConfigDict, resolution: int) -> int:

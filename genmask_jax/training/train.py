@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import functools
 import os
+import time
 from collections.abc import Iterator
 from typing import Any
 
@@ -30,7 +31,7 @@ from genmask_jax.diffusion import losses, tasks
 from genmask_jax.evaluation import evaluate
 from genmask_jax.inference import run
 from genmask_jax.models.genmask import Models, frozen_vae_params
-from genmask_jax.runtime import distributed, sharding
+from genmask_jax.runtime import compile_cache, distributed, sharding
 from genmask_jax.training import checkpointing, preemption
 from genmask_jax.training.metric_writer import MetricWriter
 from genmask_jax.training.optimizer import ema_update, learning_rate, make_optimizer
@@ -328,7 +329,10 @@ def train(
     try:
       for step in range(first_step, config.total_steps + 1):
         if step == first_step:  # Compile first, then all processes start stepping together.
+          start, hits = time.perf_counter(), compile_cache.counts()["hits"]
           step_fn = step_fn.lower(state, frozen_vae, batch, rng).compile()
+          how = "loaded from the compilation cache" if compile_cache.counts()["hits"] > hits else "compiled"
+          logging.info("train step %s in %.1f s", how, time.perf_counter() - start)
           distributed.wait_for_peers("train_step_compiled")
         state, metrics = step_fn(state, frozen_vae, batch, rng)
         pending.append((step, metrics))

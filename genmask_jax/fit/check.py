@@ -1,0 +1,118 @@
+"""Compiles a config's steps for a TPU target: the project's own mesh and rules on the target's
+compile-only devices, the attention kernel the target runs (splash, as Mosaic)."""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Sequence
+
+import flax.linen as nn
+import jax
+import ml_collections
+
+from genmask_jax import config_check
+from genmask_jax.fit import steps, targets
+from genmask_jax.fit.report import StepReport, compile_step
+from genmask_jax.runtime import accelerators, sharding
+
+STEPS = ("train", "segment", "generate", "vae")
+
+
+@dataclasses.dataclass(frozen=True)
+class Target:
+  accelerator: accelerators.Accelerator
+  num_slices: int = 1
+
+  @property
+  def chips(self) -> int:
+    return self.accelerator.chips * self.num_slices
+
+  @property
+  def hosts(self) -> int:
+    return self.accelerator.hosts * self.num_slices
+
+  def describe(self) -> str:
+    slices = f"{self.num_slices} slices of " if self.num_slices > 1 else ""
+    a = self.accelerator
+    return (
+      f"{slices}{a.name} ({self.chips} chips, topology {a.topology}, {self.hosts} hosts), "
+      f"{a.hbm_bytes / 2**30:.2f} GiB HBM per chip"
+    )
+
+
+@dataclasses.dataclass(frozen=True)
+class Batches:
+  """Global batches of the inference steps; None: the default noted."""
+
+  segment: int | None = None  # config.eval.batch_size per host, as evaluation reads it.
+  generate: int | None = None  # One prompt per chip.
+  vae: int | None = None  # Eight images per chip.
+
+
+def validate(config: ml_collections.ConfigDict, target: Target) -> None:
+  """The config's own checks, and its training batches against the target's chips."""
+  config_check.validate(config, "model")
+  for task in ("segmentation", "generation"):
+    if task == "segmentation" or config.data[task].sources:
+      config_check.check_batch(
+        config,
+        f"data.{task}.global_batch_size",
+        config.data[task].global_batch_size,
+        config.get("microbatches", 1),
+        target.chips,
+      )
+
+
+def build_steps(
+  config: ml_collections.ConfigDict, target: Target, mesh, rules, names: Sequence[str], batches
+) -> list[steps.Step]:
+  out = []
+  for name in names:
+    if name == "train":
+      out.append(steps.train_step(config, mesh, rules))
+    elif name == "segment":
+      batch = batches.segment or config.eval.batch_size * target.hosts
+      out.append(steps.segment_step(config, mesh, rules, batch))
+    elif name == "generate":
+      out.append(steps.generate_step(config, mesh, rules, batches.generate or target.chips))
+    elif name == "vae":
+      out += steps.vae_steps(config, mesh, rules, batches.vae or 8 * target.chips)
+    else:
+      raise ValueError(f"step {name!r} unknown; choose from {STEPS}")
+  return out
+
+
+def target_mesh(config: ml_collections.ConfigDict, target: Target) -> jax.sharding.Mesh:
+  devices = targets.tpu_devices(target.accelerator, target.num_slices)
+  return sharding.make_mesh(config.mesh, devices)
+
+
+def kernel(config: ml_collections.ConfigDict, target: Target) -> str:
+  """The attention kernel the config's DiT compiles with for the target."""
+  return steps.kernel(config, target_mesh(config, target))
+
+
+def compile_for(
+  config: ml_collections.ConfigDict,
+  target: Target,
+  names: Sequence[str] = STEPS,
+  batches: Batches = Batches(),
+) -> list[StepReport]:
+  """Compiles the named steps of `config` for `target`; one report per compiled program."""
+  validate(config, target)
+  mesh = target_mesh(config, target)
+  rules = sharding.rules(config.get("sharding"))
+  hbm = target.accelerator.hbm_bytes
+  with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
+    built = build_steps(config, target, mesh, rules, names, batches)
+    return [compile_step(step, target.chips, hbm) for step in built]
+
+
+def mesh_of(config: ml_collections.ConfigDict, target: Target) -> dict[str, int]:
+  """The mesh `config.mesh` resolves to on the target (data across all slices)."""
+  per_slice = sharding.mesh_shape(
+    [config.mesh[a] for a in sharding.MESH_AXES], target.accelerator.chips
+  )
+  shape = dict(zip(sharding.MESH_AXES, per_slice, strict=True))
+  shape["data"] *= target.num_slices
+  return shape

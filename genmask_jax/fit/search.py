@@ -1,0 +1,117 @@
+"""The least recomputation that fits: remat policies x mesh splits x microbatches of a config's
+train step, compiled for a target in order of their cost until one fits with headroom.
+
+Candidates are ordered by the FLOPs their remat policy adds (models/flops.py), then by the
+number of microbatches (fewer: larger matmuls, fewer weight gathers), then by the order of the
+mesh splits given. The first that fits with `headroom` of the chip's HBM free is the choice;
+`exhaustive` compiles every candidate for the table instead of stopping there.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable, Sequence
+
+import ml_collections
+
+from genmask_jax.fit import check
+from genmask_jax.fit.report import StepReport
+from genmask_jax.models import flops
+from genmask_jax.models.dit import REMAT_POLICIES
+
+POLICIES = ("none", *REMAT_POLICIES)
+MESHES = ((1, -1, 1), (1, -1, 2), (2, -1, 1))  # (data, fsdp, tensor) per slice.
+MICROBATCHES = (1, 2, 4, 8)
+
+
+@dataclasses.dataclass(frozen=True)
+class Candidate:
+  remat: str
+  mesh: tuple[int, int, int]
+  microbatches: int
+
+  def apply(self, config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+    out = config.copy_and_resolve_references()
+    out.dit.remat_policy = self.remat
+    out.mesh = dict(zip(("data", "fsdp", "tensor"), self.mesh, strict=True))
+    out.microbatches = self.microbatches
+    return out
+
+  def describe(self) -> str:
+    data, fsdp, tensor = self.mesh
+    return (
+      f"remat {self.remat}, mesh data={data} fsdp={fsdp} tensor={tensor}, "
+      f"microbatches {self.microbatches}"
+    )
+
+
+@dataclasses.dataclass
+class Row:
+  candidate: Candidate
+  per_chip_batch: tuple[int, int]  # Segmentation, generation samples per chip and microbatch.
+  recompute_flops: int
+  report: StepReport | None = None  # None: not compiled (the search stopped before it).
+
+
+def _per_chip(config, target: check.Target, candidate: Candidate) -> tuple[int, int] | None:
+  """Samples per chip and microbatch of each task; None if the batch does not split so."""
+  shape = check.mesh_of(candidate.apply(config), target)
+  shards = shape["data"] * shape["fsdp"]
+  sizes = []
+  for task in ("segmentation", "generation"):
+    size = config.data[task].global_batch_size if config.data[task].sources or not sizes else 0
+    if size % (shards * candidate.microbatches):
+      return None
+    sizes.append(size // (shards * candidate.microbatches))
+  return sizes[0], sizes[1]
+
+
+def rows(
+  config: ml_collections.ConfigDict,
+  target: check.Target,
+  policies: Sequence[str] = POLICIES,
+  meshes: Sequence[tuple[int, int, int]] = MESHES,
+  microbatches: Sequence[int] = MICROBATCHES,
+) -> list[Row]:
+  """The candidates whose batches split over the target, cheapest first (module docstring)."""
+  kernel = check.kernel(config, target)
+  resolution = config.data.segmentation.resolution
+  out = []
+  for m, mesh in enumerate(meshes):
+    for count in microbatches:
+      for policy in policies:
+        candidate = Candidate(policy, tuple(mesh), count)
+        try:
+          per_chip = _per_chip(config, target, candidate)
+        except ValueError:  # The split does not divide the slice's chips.
+          continue
+        if per_chip is None or config.dit.num_heads % candidate.mesh[2]:
+          continue
+        candidate_config = candidate.apply(config)
+        sizes = [config.data[t].global_batch_size for t in ("segmentation", "generation")]
+        recompute = flops.train_step_recompute_flops(
+          candidate_config, sizes[0], sizes[1], resolution, kernel
+        )
+        out.append((recompute, count, m, Row(candidate, per_chip, recompute)))
+  return [row for *_, row in sorted(out, key=lambda item: item[:3])]
+
+
+def search(
+  config: ml_collections.ConfigDict,
+  target: check.Target,
+  candidates: list[Row],
+  headroom: float,
+  exhaustive: bool = False,
+  on_row: Callable[[Row], None] = lambda row: None,
+) -> Row | None:
+  """Compiles `candidates` in order (each row's report is filled in) until one fits with
+  `headroom` (all of them if `exhaustive`); returns that one, or None."""
+  choice = None
+  for row in candidates:
+    (row.report,) = check.compile_for(row.candidate.apply(config), target, ("train",))
+    on_row(row)
+    if choice is None and row.report.fits(headroom):
+      choice = row
+      if not exhaustive:
+        break
+  return choice

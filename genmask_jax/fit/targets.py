@@ -1,0 +1,28 @@
+"""Compile-only devices of real TPU slices, from libtpu's topologies, on any host.
+
+They can be put in a mesh and compiled for (the real TPU compiler, Mosaic kernels included), but
+hold no memory: nothing may create a concrete array on them.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+from genmask_jax.runtime.accelerators import Accelerator
+
+
+def tpu_devices(accelerator: Accelerator, num_slices: int = 1) -> list[Any]:
+  """The devices of `num_slices` slices of `accelerator`, one per chip."""
+  # Compile-only use touches no chip: let several processes (parallel tests, a compile beside
+  # a job) load libtpu at once. Read when libtpu initializes, below.
+  os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
+  from jax.experimental import topologies
+
+  topology = topologies.get_topology_desc(
+    platform="tpu",
+    topology_name=accelerator.topology,
+    chip_config_name=accelerator.chip_config,
+    num_slices=num_slices,
+  )
+  return list(topology.devices)
