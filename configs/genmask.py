@@ -1,8 +1,9 @@
-"""GenMask training: `--config=configs/genmask.py:SIZE`, SIZE in 1.3b | mid | small | tiny.
+"""GenMask training: `--config=configs/genmask.py:SIZE`, SIZE in 1.3b | 14b | mid | small | tiny.
 
 1.3b (the default) is the paper's recipe: the WAN-2.1 1.3B DiT fine-tuned end to end on
 segmentation and generation data mixed 1:1, global batch 1024, 8000 steps, AdamW with cosine
-decay 5e-5 -> 1e-5. The smaller sizes serve benchmarks and tests.
+decay 5e-5 -> 1e-5. 14b is the same recipe on WAN-2.1's 14B DiT. The smaller sizes serve
+benchmarks and tests.
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   config = ml_collections.ConfigDict()
   config.seed = 0  # Initialization, noise and (config.data.seed) data order.
   config.dit = models.wan_dit(size)
-  config.vae = models.wan_vae("wan2.1" if size in ("1.3b", "mid") else size)
+  config.vae = models.wan_vae("wan2.1" if size in ("1.3b", "14b", "mid") else size)
   # Folders written by launch/convert_wan.py; empty: random initialization.
   config.init = dict(weights="", vae_weights="")
 

@@ -22,6 +22,8 @@ _DIT_1P3B = dict(
 
 _DIT_SIZES = {
   "1.3b": {},
+  # WAN-2.1 T2V-14B.
+  "14b": dict(dim=5120, ffn_dim=13824, num_heads=40, num_layers=40),
   # The CPU benchmark size of the foundation issue.
   "mid": dict(dim=512, ffn_dim=1536, num_heads=4, num_layers=8, freq_dim=256, text_dim=512),
   # Demo and integration tests.
@@ -29,6 +31,10 @@ _DIT_SIZES = {
   # Unit and parity tests.
   "tiny": dict(dim=64, ffn_dim=96, num_heads=2, num_layers=2, freq_dim=32, text_dim=32),
 }
+
+
+# The accelerator presets compute in bf16 (parameters stay fp32); the small ones serve CPU tests.
+ACCELERATOR_SIZES = ("1.3b", "14b")
 
 
 def wan_dit(size: str = "1.3b") -> ml_collections.ConfigDict:
@@ -39,7 +45,8 @@ def wan_dit(size: str = "1.3b") -> ml_collections.ConfigDict:
   cfg.update(
     use_text_mask=False,  # False reproduces WAN's unmasked zero padding.
     cond_frame_start=-1,  # RoPE frame of the condition tokens; -1: right after the noisy frames.
-    dtype="float32",  # Compute dtype; parameters stay fp32.
+    # Compute dtype; parameters stay fp32.
+    dtype="bfloat16" if size in ACCELERATOR_SIZES else "float32",
     # auto: the target's kernel (splash on TPU, cudnn on GPU in bf16, else xla) | xla | jax_xla |
     # cudnn | splash
     attention="auto",

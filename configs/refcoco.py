@@ -1,6 +1,6 @@
 """The paper's training mix and evaluation splits: `--config=configs/refcoco.py:SIZE[,OPTION...]`.
 
-SIZE: 1.3b (the paper's recipe, configs/genmask.py) | trial (seconds per step on a CPU, with
+SIZE: 1.3b (the paper's recipe, configs/genmask.py) | 14b (the same on WAN-2.1 14B) | trial (seconds per step on a CPU, with
 the tiny Qwen2.5-VL that `python -m genmask_jax.vlm.tiny_qwen --out=tiny_qwen` builds).
 OPTIONs:
   root=PATH  the stores and the converted weights live under PATH (a folder or gs://bucket/dir)
@@ -41,7 +41,7 @@ EVALUATION = [
   *(("reasonseg", s) for s in ("val", "test")),
 ]
 REASONING = ("reasonseg",)  # Features from `precompute_vlm --reasoning`.
-SIZES = ("1.3b", "trial")
+SIZES = ("1.3b", "14b", "trial")
 
 
 def _options(arg: str | None) -> tuple[str, str, bool]:

@@ -119,6 +119,12 @@ class Shell:
     self._show(shlex.join(cmd))
     return subprocess.run(list(cmd), check=True, capture_output=True, text=True).stdout
 
+  def check(self, cmd: Sequence[str], cwd: str | None = None) -> None:
+    """Runs a local check that changes nothing, in a dry run too, so that a dry run refuses
+    what a real run would; a non-zero exit raises CalledProcessError."""
+    self.note(f"checking: {shlex.join(cmd)}")
+    subprocess.run(list(cmd), check=True, cwd=cwd)
+
   def makedirs(self, path: str) -> None:
     self._show(shlex.join(["mkdir", "-p", path]))
     if not self.dry_run:

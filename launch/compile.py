@@ -32,6 +32,7 @@ from collections.abc import Sequence  # noqa: E402
 from absl import app, flags  # noqa: E402
 from ml_collections import config_flags  # noqa: E402
 
+from genmask_jax import config_check  # noqa: E402
 from genmask_jax.fit import check, search  # noqa: E402
 from genmask_jax.fit.report import GIB, HEADROOM, StepReport  # noqa: E402
 from genmask_jax.runtime import accelerators, fileio, log_filter  # noqa: E402
@@ -72,8 +73,9 @@ COLUMNS = (
   ("all-gather GiB", 14, lambda r: _collective(r, "all-gather")),
   ("reduce-scatter GiB", 18, lambda r: _collective(r, "reduce-scatter")),
   ("all-reduce GiB", 14, lambda r: _collective(r, "all-reduce")),
-  ("TFLOP", 8, lambda r: f"{r.flops / 1e12:.1f}"),
-  ("+remat", 7, lambda r: f"{r.recompute_flops / 1e12:.1f}" if r.step == "train" else ""),
+  ("permute GiB", 11, lambda r: _collective(r, "collective-permute")),
+  ("TFLOP", 8, lambda r: f"{r.flops / 1e12:.4g}"),
+  ("+remat", 7, lambda r: f"{r.recompute_flops / 1e12:.4g}" if r.step == "train" else ""),
 )
 
 
@@ -193,11 +195,16 @@ def main(argv: list[str]) -> int:
     target = check.Target(accelerators.parse(_TOPOLOGY.value), _NUM_SLICES.value)
   except ValueError as e:
     raise app.UsageError(f"--topology: {e}") from e
-  if _SEARCH.value:
-    return run_search(config, target)
-  print(_describe(config, target), flush=True)
-  batches = check.Batches(_SEGMENT_BATCH.value, _GENERATE_BATCH.value, _VAE_BATCH.value)
-  reports = check.compile_for(config, target, _STEPS.value, batches)
+  try:
+    check.validate(config, target)
+    if _SEARCH.value:
+      return run_search(config, target)
+    print(_describe(config, target), flush=True)
+    batches = check.Batches(_SEGMENT_BATCH.value, _GENERATE_BATCH.value, _VAE_BATCH.value)
+    reports = check.compile_for(config, target, _STEPS.value, batches)
+  except config_check.ConfigError as e:
+    print(f"error: {e}", file=sys.stderr)
+    return 1
   print(table(reports))
   if _JSON.value:
     fileio.write_json(

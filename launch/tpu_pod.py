@@ -18,12 +18,18 @@ same name (created when capacity frees up; we poll until ACTIVE). Every worker g
 peers from the TPU metadata. Each worker also writes ~/genmask-jax-train.log, which `logs` tails
 (and which a --detach'ed run writes to instead of the ssh stream). With --mount_bucket, `install`
 also mounts that bucket read-only with gcsfuse at --mount_point on every worker.
+
+`run` and `supervise` first compile the config's train and segmentation steps for
+--accelerator_type on this machine (launch/compile.py, no TPU needed), and refuse to create or
+queue anything when a step does not compile or does not fit the chips' HBM
+(--skip_compile_check to go ahead regardless).
 """
 
 from __future__ import annotations
 
 import os
 import shlex
+import subprocess
 import sys
 import tempfile
 import time
@@ -120,7 +126,11 @@ define.string(
 define.bool(
   "allow_local_workdir", help="Tests only: a local --workdir, which a real pod cannot share."
 )
-define.bool("dry_run", help="Print the commands, run none.")
+define.bool(
+  "skip_compile_check",
+  help="run, supervise: queue without compiling for --accelerator_type first (launch/compile).",
+)
+define.bool("dry_run", help="Print the commands, run none (the compile check still runs).")
 
 
 def _gcloud(args: commands.Flags, group: str, verb: str, *rest: str) -> list[str]:
@@ -177,6 +187,37 @@ def ssh_command(
   return _gcloud(args, "tpu-vm", "ssh", args.name, f"--worker={worker}", *logs) + [
     f"--command={remote}"
   ]
+
+
+def compile_command(args: commands.Flags) -> list[str]:
+  """launch/compile.py for the job: its train and segmentation (evaluation) steps on the slice."""
+  overrides = commands.assignments(args.config_overrides, "--config_overrides", commands.CONFIG_KEY)
+  return [
+    sys.executable,
+    "-m",
+    "launch.compile",
+    f"--config={args.config}",
+    f"--topology={args.accelerator_type}",
+    "--steps=train,segment",
+    *(f"--config.{name}={value}" for name, value in overrides),
+  ]
+
+
+def check_compiles(shell: commands.Shell, args: commands.Flags) -> None:
+  """Compiles the job for the slice before anything is created; exits 1 naming the reason."""
+  if args.skip_compile_check:
+    shell.note("compile check skipped (--skip_compile_check)")
+    return
+  try:  # The config path is relative to the checkout the workers get.
+    shell.check(compile_command(args), cwd=args.source_dir or commands.PROJECT_ROOT)
+  except subprocess.CalledProcessError:
+    print(
+      f"error: {args.config} does not compile or does not fit {args.accelerator_type} (see "
+      "launch.compile's report above); nothing was created or queued. Change the knobs it "
+      "names, or pass --skip_compile_check to queue regardless.",
+      file=sys.stderr,
+    )
+    raise SystemExit(1) from None
 
 
 def _and(*steps: Sequence[str]) -> str:
@@ -339,6 +380,8 @@ def parse_flags(argv: Sequence[str] | None = None) -> commands.Flags:
 def main(argv: Sequence[str] | None = None) -> None:
   args = parse_flags(argv)
   shell = commands.Shell(args.dry_run)
+  if args.action in ("run", "supervise"):
+    check_compiles(shell, args)
   if args.action == "run":
     _run(shell, args)
   elif args.action in ("supervise", "status"):

@@ -315,20 +315,21 @@ def test_converter_renames_every_diffusers_key_to_its_wan_name():
   assert {k: diffusers_to_original_name(k) for k in state} == expected
 
 
-def test_parameter_count_1p3b():
-  """The full 1.3B config has exactly as many parameters as diffusers' model (built on meta)."""
-  cfg = wan_dit("1.3b")
+@pytest.mark.parametrize("size, low, high", [("1.3b", 1.3e9, 1.45e9), ("14b", 14e9, 14.5e9)])
+def test_parameter_count(size, low, high):
+  """The full configs have exactly as many parameters as diffusers' models (built on meta)."""
+  cfg = wan_dit(size)
   with torch.device("meta"):
     ref = diffusers.WanTransformer3DModel(
       patch_size=(1, 2, 2),
-      num_attention_heads=12,
-      attention_head_dim=128,
+      num_attention_heads=cfg.num_heads,
+      attention_head_dim=cfg.dim // cfg.num_heads,
       in_channels=16,
       out_channels=16,
       text_dim=cfg.text_dim,
       freq_dim=256,
-      ffn_dim=8960,
-      num_layers=30,
+      ffn_dim=cfg.ffn_dim,
+      num_layers=cfg.num_layers,
       eps=1e-6,
     )
   expected = sum(p.numel() for p in ref.parameters())
@@ -342,7 +343,7 @@ def test_parameter_count_1p3b():
   )
   ours = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(nn.unbox(shapes)))
   assert ours == expected
-  assert 1.3e9 < ours < 1.45e9
+  assert low < ours < high
 
 
 def test_jit_bf16_runs_close_to_fp32(converted):

@@ -42,7 +42,7 @@ class Target:
 
 @dataclasses.dataclass(frozen=True)
 class Batches:
-  """Global batches of the inference steps; None: the default noted."""
+  """Global batches of the inference steps, as given; None: the default noted."""
 
   segment: int | None = None  # config.eval.batch_size per host, as evaluation reads it.
   generate: int | None = None  # One prompt per chip.
@@ -63,23 +63,36 @@ def validate(config: ml_collections.ConfigDict, target: Target) -> None:
       )
 
 
+def inference_batches(config: ml_collections.ConfigDict, target: Target, given: Batches) -> dict:
+  """The global batch of each inference step, each checked against the target's chips."""
+  batches = {
+    "segment": (
+      given.segment or config.eval.batch_size * target.hosts,
+      f"eval.batch_size ({config.eval.batch_size} per host x {target.hosts} hosts)"
+      if given.segment is None
+      else "--segment_batch",
+    ),
+    "generate": (given.generate or target.chips, "--generate_batch"),
+    "vae": (given.vae or 8 * target.chips, "--vae_batch"),
+  }
+  for batch, field in batches.values():
+    config_check.check_batch(config, field, batch, num_devices=target.chips)
+  return {name: batch for name, (batch, _) in batches.items()}
+
+
 def build_steps(
-  config: ml_collections.ConfigDict, target: Target, mesh, rules, names: Sequence[str], batches
+  config: ml_collections.ConfigDict, mesh, rules, names: Sequence[str], batches: dict[str, int]
 ) -> list[steps.Step]:
-  out = []
-  for name in names:
-    if name == "train":
-      out.append(steps.train_step(config, mesh, rules))
-    elif name == "segment":
-      batch = batches.segment or config.eval.batch_size * target.hosts
-      out.append(steps.segment_step(config, mesh, rules, batch))
-    elif name == "generate":
-      out.append(steps.generate_step(config, mesh, rules, batches.generate or target.chips))
-    elif name == "vae":
-      out += steps.vae_steps(config, mesh, rules, batches.vae or 8 * target.chips)
-    else:
-      raise ValueError(f"step {name!r} unknown; choose from {STEPS}")
-  return out
+  builders = {
+    "train": lambda: [steps.train_step(config, mesh, rules)],
+    "segment": lambda: [steps.segment_step(config, mesh, rules, batches["segment"])],
+    "generate": lambda: [steps.generate_step(config, mesh, rules, batches["generate"])],
+    "vae": lambda: steps.vae_steps(config, mesh, rules, batches["vae"]),
+  }
+  unknown = set(names) - set(builders)
+  if unknown:
+    raise ValueError(f"steps {sorted(unknown)} unknown; choose from {STEPS}")
+  return [step for name in names for step in builders[name]()]
 
 
 def target_mesh(config: ml_collections.ConfigDict, target: Target) -> jax.sharding.Mesh:
@@ -100,11 +113,12 @@ def compile_for(
 ) -> list[StepReport]:
   """Compiles the named steps of `config` for `target`; one report per compiled program."""
   validate(config, target)
+  sizes = inference_batches(config, target, batches)
   mesh = target_mesh(config, target)
   rules = sharding.rules(config.get("sharding"))
   hbm = target.accelerator.hbm_bytes
   with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
-    built = build_steps(config, target, mesh, rules, names, batches)
+    built = build_steps(config, mesh, rules, names, sizes)
     return [compile_step(step, target.chips, hbm) for step in built]
 
 

@@ -21,7 +21,7 @@ _BRANCHES = re.compile(r"\bbranch_computations=\{([^}]*)\}")
 _BODY = re.compile(r"\bbody=%?([\w.\-]+)")
 _CONDITION = re.compile(r"\bcondition=%?([\w.\-]+)")
 _KNOWN_TRIP_COUNT = re.compile(r'"known_trip_count":\{"n":"(\d+)"\}')
-_CONSTANT = re.compile(r"%?([\w.\-]+) = s(?:32|64)\[\]\S* constant\((\d+)\)")
+_CONSTANT = re.compile(r"%?([\w.\-]+) = [su](?:32|64)\[\]\S* constant\((\d+)\)")
 _LESS_THAN = re.compile(r"ROOT .* compare\(%?[\w.\-]+, %?([\w.\-]+)\), direction=LT")
 _ARRAY = re.compile(r"\b(pred|[su](?:4|8|16|32|64)|bf16|f(?:16|32|64)|f8\w*)\[([\d,]*)\]")
 
@@ -97,8 +97,8 @@ def execution_counts(hlo: str) -> dict[str, int]:
 def collective_bytes(hlo: str) -> dict[str, int]:
   """Bytes each kind of collective (KINDS) produces per execution, summed over its calls.
 
-  An async collective counts once, at its start (the result type then pairs the operand and
-  the result: the result, the last array, is counted). The TPU compiler writes a reduce-scatter
+  An async collective counts once, at its start, whose type lists the operands, the results
+  (counted) and scalar context. The TPU compiler writes a reduce-scatter
   as an all-reduce fused with a slice, in a computation it names for that: counted as one.
   """
   counts = execution_counts(hlo)
@@ -112,8 +112,8 @@ def collective_bytes(hlo: str) -> dict[str, int]:
       kind = op.removesuffix("-start")
       if kind not in KINDS or op.endswith("-done"):
         continue
-      if op.endswith("-start"):  # (operand, result) or ((operands...), (results...)).
-        arrays = _ARRAY.findall(shape)
+      if op.endswith("-start"):  # (operands..., results..., scalar context...).
+        arrays = [(d, s) for d, s in _ARRAY.findall(shape) if s]
         shape = " ".join(f"{d}[{s}]" for d, s in arrays[len(arrays) // 2 :])
       if kind == "all-reduce" and "reduce-scatter" in name:
         kind = "reduce-scatter"

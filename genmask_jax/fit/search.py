@@ -3,7 +3,7 @@ train step, compiled for a target in order of their cost until one fits with hea
 
 Candidates are ordered by the FLOPs their remat policy adds (models/flops.py), then by the
 number of microbatches (fewer: larger matmuls, fewer weight gathers), then by the order of the
-mesh splits given. The first that fits with `headroom` of the chip's HBM free is the choice;
+mesh splits given, then by the activation memory the policy keeps (less first). The first that fits with `headroom` of the chip's HBM free is the choice;
 `exhaustive` compiles every candidate for the table instead of stopping there.
 """
 
@@ -20,6 +20,10 @@ from genmask_jax.models import flops
 from genmask_jax.models.dit import REMAT_POLICIES
 
 POLICIES = ("none", *REMAT_POLICIES)
+# Policies by the activation memory they keep, least first (benchmarks/remat_memory.py): among
+# equal recomputation the search tries the leaner one first.
+BY_MEMORY = ("full", "save_attention", "save_attention_ffn", "dots_no_batch", "dots_attention",
+             "dots", "none")  # fmt: skip
 MESHES = ((1, -1, 1), (1, -1, 2), (2, -1, 1))  # (data, fsdp, tensor) per slice.
 MICROBATCHES = (1, 2, 4, 8)
 
@@ -92,8 +96,9 @@ def rows(
         recompute = flops.train_step_recompute_flops(
           candidate_config, sizes[0], sizes[1], resolution, kernel
         )
-        out.append((recompute, count, m, Row(candidate, per_chip, recompute)))
-  return [row for *_, row in sorted(out, key=lambda item: item[:3])]
+        key = (recompute, count, m, BY_MEMORY.index(policy))
+        out.append((key, Row(candidate, per_chip, recompute)))
+  return [row for _, row in sorted(out, key=lambda item: item[0])]
 
 
 def search(
