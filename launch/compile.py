@@ -23,8 +23,10 @@ from __future__ import annotations
 import os
 
 # This process only compiles: no backend of this host's accelerators is needed, and none may
-# claim them (a training job may be running on them).
+# claim them (a training job may be running on them). Programs for compile-only devices cannot
+# be loaded back from JAX's persistent cache: none is read or written.
 os.environ["JAX_PLATFORMS"] = "cpu"
+os.environ["JAX_ENABLE_COMPILATION_CACHE"] = "false"
 
 import sys  # noqa: E402
 from collections.abc import Sequence  # noqa: E402
@@ -74,6 +76,7 @@ COLUMNS = (
   ("reduce-scatter GiB", 18, lambda r: _collective(r, "reduce-scatter")),
   ("all-reduce GiB", 14, lambda r: _collective(r, "all-reduce")),
   ("permute GiB", 11, lambda r: _collective(r, "collective-permute")),
+  ("Mosaic", 6, lambda r: str(r.mosaic_calls) if r.compiled else "-"),
   ("TFLOP", 8, lambda r: f"{r.flops / 1e12:.4g}"),
   ("+remat", 7, lambda r: f"{r.recompute_flops / 1e12:.4g}" if r.step == "train" else ""),
 )
@@ -142,7 +145,8 @@ def run_search(config, target: check.Target) -> int:
       f"  {row.candidate.describe()}, {row.per_chip_batch[0]} + {row.per_chip_batch[1]} per "
       f"chip: +{row.recompute_flops / 1e12:.0f} TFLOP recompute, "
       + (
-        f"peak {r.peak_bytes / GIB:.2f} GiB ({r.hbm_fraction:.0%}), compile {r.compile_seconds:.0f} s"
+        f"peak {r.peak_bytes / GIB:.2f} GiB ({r.hbm_fraction:.0%}), "
+        f"compile {r.compile_seconds:.0f} s"
         if r.compiled
         else f"does not compile: {r.error.splitlines()[0][:200]}"
       ),

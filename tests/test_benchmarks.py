@@ -6,12 +6,8 @@ import re
 import subprocess
 import sys
 
-import jax
-import jax.numpy as jnp
 import pytest
 
-from benchmarks import gpu
-from configs.models import wan_dit, wan_vae
 from genmask_jax.data import records, synthetic
 
 

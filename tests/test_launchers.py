@@ -30,6 +30,7 @@ def _tpu_argv(*extra: str) -> list[str]:
     "--config=configs/genmask.py:tiny",
     "--config_overrides=total_steps=10",
     "--config_overrides=data.prompt=a cat",
+    "--skip_compile_check",  # Compiled for the slice in the tests below.
     *extra,
   ]
 
@@ -66,6 +67,7 @@ def test_tpu_run_dry_run_prints_the_exact_commands(source, tmp_path, capsys):
   )
   quote = lambda s: "'" + s.replace("'", "'\"'\"'") + "'"
   assert _lines(capsys) == [
+    "# compile check skipped (--skip_compile_check)",
     "gcloud compute tpus tpu-vm create gm-pod --accelerator-type=v5p-64"
     f" --version=v2-alpha-tpuv5 {WHERE}",
     f"tar -czf {tarball} --exclude=.git --exclude=.venv --exclude=__pycache__"
@@ -91,14 +93,15 @@ def test_tpu_queued_spot_from_git_with_env_and_worker_logs(tmp_path, capsys):
   )
   tpu_pod.main(argv)
   lines = _lines(capsys)
-  assert lines[:3] == [
+  assert lines[:4] == [
+    "# compile check skipped (--skip_compile_check)",
     "gcloud compute tpus queued-resources create gm-pod --node-id=gm-pod"
     f" --accelerator-type=v5p-64 --runtime-version=v2-alpha-tpuv5 --spot {WHERE}",
     "# repeated every 30 s until it prints ACTIVE:",
     f"gcloud compute tpus queued-resources describe gm-pod '--format=value(state.state)' {WHERE}",
   ]
   assert lines[-1] == f"gcloud compute tpus queued-resources delete gm-pod --force --quiet {WHERE}"
-  install, mkdir, train = lines[3:-1]
+  install, mkdir, train = lines[4:-1]
   assert "'--command=rm -rf genmask-jax && git clone --quiet" in install
   assert (
     "https://github.com/me/genmask-jax.git genmask-jax && git -C genmask-jax checkout" in install
@@ -198,6 +201,60 @@ def test_dry_runs_start_no_process(source, tmp_path, monkeypatch):
     tpu_pod.main([action, *flags, "--workdir=gs://b/r", "--dry_run"])
   slurm_gpu.main(_slurm_argv(tmp_path, "--tail", "--dry_run"))
   assert sorted(os.listdir(tmp_path)) == ["src"]  # Nothing written: no tarball, logs, script.
+
+
+# The trial config at 1024 x 1024 with 64 samples per chip of a v5litepod-4: its train step
+# needs more than a v5e chip's 16 GB (tests/test_compile.py).
+OVERSIZED = [
+  "--config=configs/refcoco.py:trial",
+  *(
+    f"--config_overrides=data.{task}.{field}={value}"
+    for task in ("segmentation", "generation")
+    for field, value in (("resolution", 1024), ("global_batch_size", 256))
+  ),
+]
+FITTING = [
+  "--config=configs/refcoco.py:trial",
+  *(
+    f"--config_overrides={field}=4"
+    for field in (
+      "data.segmentation.global_batch_size",
+      "data.generation.global_batch_size",
+      "eval.batch_size",
+    )
+  ),
+]
+
+
+@pytest.mark.parametrize("action", ["run", "supervise"])
+def test_tpu_pod_refuses_a_config_that_does_not_fit_before_any_gcloud_command(
+  action, bin_dir, capsys
+):
+  """The compile check runs in a dry run too: no gcloud command is printed, let alone run."""
+  _stand_in(bin_dir, "gcloud", "")
+  argv = [action, "--name=gm", *ZONE, "--accelerator_type=v5litepod-4", "--workdir=gs://b/r"]
+  for dry in (["--dry_run"], []):
+    with pytest.raises(SystemExit) as exit_:
+      tpu_pod.main(argv + OVERSIZED + dry)
+    assert exit_.value.code == 1
+    out, err = capsys.readouterr()
+    assert "gcloud" not in out.replace("--topology", "")
+    assert "does not compile or does not fit v5litepod-4" in err
+    assert "nothing was created or queued" in err
+  assert not (bin_dir / "calls.jsonl").exists()
+
+
+def test_tpu_pod_compiles_for_the_slice_before_creating_it(capsys):
+  argv = ["run", "--name=gm", *ZONE, "--accelerator_type=v5litepod-4", "--workdir=gs://b/r"]
+  tpu_pod.main(argv + FITTING + ["--dry_run"])
+  lines = _lines(capsys)
+  check = next(i for i, line in enumerate(lines) if line.startswith("# checking:"))
+  assert (
+    "-m launch.compile --config=configs/refcoco.py:trial --topology=v5litepod-4" in (lines[check])
+  )
+  assert "--config.eval.batch_size=4" in lines[check]
+  first_gcloud = next(i for i, line in enumerate(lines) if line.startswith("gcloud"))
+  assert check < first_gcloud
 
 
 def _stand_in(bin_dir, name: str, body: str) -> None:

@@ -44,9 +44,7 @@ def test_accumulated_gradients_are_the_mean_of_the_parts():
     state = train.initial_train_state(models, config, optimizer, mesh, rules)
     vae = frozen_vae_params(models, config, mesh, rules)
     batch = host_batch(config)
-    accumulate = jax.jit(
-      lambda p, v, b: train.accumulated_gradients(models, config, p, v, b, rng)
-    )
+    accumulate = jax.jit(lambda p, v, b: train.accumulated_gradients(models, config, p, v, b, rng))
     grads, metrics = accumulate(state.params, vae, train.device_batch(batch, mesh))
     parts = []
     for i in range(2):
@@ -61,4 +59,3 @@ def test_accumulated_gradients_are_the_mean_of_the_parts():
   np.testing.assert_allclose(metrics["loss"], mean[1]["loss"], rtol=1e-5)
   assert set(metrics) == set(mean[1])
   jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=2e-4, atol=1e-7), grads, mean[0])
-

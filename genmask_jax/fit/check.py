@@ -63,8 +63,10 @@ def validate(config: ml_collections.ConfigDict, target: Target) -> None:
       )
 
 
-def inference_batches(config: ml_collections.ConfigDict, target: Target, given: Batches) -> dict:
-  """The global batch of each inference step, each checked against the target's chips."""
+def inference_batches(
+  config: ml_collections.ConfigDict, target: Target, given: Batches, names: Sequence[str]
+) -> dict:
+  """The global batch of each named inference step, checked against the target's chips."""
   batches = {
     "segment": (
       given.segment or config.eval.batch_size * target.hosts,
@@ -75,6 +77,7 @@ def inference_batches(config: ml_collections.ConfigDict, target: Target, given: 
     "generate": (given.generate or target.chips, "--generate_batch"),
     "vae": (given.vae or 8 * target.chips, "--vae_batch"),
   }
+  batches = {name: value for name, value in batches.items() if name in names}
   for batch, field in batches.values():
     config_check.check_batch(config, field, batch, num_devices=target.chips)
   return {name: batch for name, (batch, _) in batches.items()}
@@ -113,7 +116,7 @@ def compile_for(
 ) -> list[StepReport]:
   """Compiles the named steps of `config` for `target`; one report per compiled program."""
   validate(config, target)
-  sizes = inference_batches(config, target, batches)
+  sizes = inference_batches(config, target, batches, names)
   mesh = target_mesh(config, target)
   rules = sharding.rules(config.get("sharding"))
   hbm = target.accelerator.hbm_bytes

@@ -119,3 +119,9 @@ def collective_bytes(hlo: str) -> dict[str, int]:
         kind = "reduce-scatter"
       totals[kind] += _bytes(shape) * counts.get(name, 0)
   return totals
+
+
+def mosaic_calls(hlo: str) -> int:
+  """Pallas TPU kernels compiled as Mosaic (an interpreted kernel leaves none): the custom calls
+  in the program's text (a scanned body's once)."""
+  return hlo.count('custom_call_target="tpu_custom_call"')

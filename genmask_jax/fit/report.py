@@ -34,6 +34,7 @@ class StepReport:
   alias_bytes: int = 0
   peak_bytes: int = 0
   collectives: dict[str, int] = dataclasses.field(default_factory=dict)  # Bytes per call.
+  mosaic_calls: int = 0  # Pallas kernels (splash attention) compiled for the TPU.
   error: str = ""  # The compiler's message when it failed.
 
   @property
@@ -85,5 +86,7 @@ def compile_step(step: Step, chips: int, hbm_bytes: int) -> StepReport:
     - memory.alias_size_in_bytes
     + memory.temp_size_in_bytes
   )
-  report.collectives = hlo.collective_bytes(compiled.as_text())
+  text = compiled.as_text()
+  report.collectives = hlo.collective_bytes(text)
+  report.mosaic_calls = hlo.mosaic_calls(text)
   return report

@@ -3,8 +3,9 @@ train step, compiled for a target in order of their cost until one fits with hea
 
 Candidates are ordered by the FLOPs their remat policy adds (models/flops.py), then by the
 number of microbatches (fewer: larger matmuls, fewer weight gathers), then by the order of the
-mesh splits given, then by the activation memory the policy keeps (less first). The first that fits with `headroom` of the chip's HBM free is the choice;
-`exhaustive` compiles every candidate for the table instead of stopping there.
+mesh splits given, then by the activation memory the policy keeps (less first). The first that
+fits with `headroom` of the chip's HBM free is the choice; `exhaustive` compiles every candidate
+for the table instead of stopping there.
 """
 
 from __future__ import annotations

@@ -14,9 +14,12 @@ from genmask_jax.runtime.accelerators import Accelerator
 
 def tpu_devices(accelerator: Accelerator, num_slices: int = 1) -> list[Any]:
   """The devices of `num_slices` slices of `accelerator`, one per chip."""
-  # Compile-only use touches no chip: let several processes (parallel tests, a compile beside
-  # a job) load libtpu at once. Read when libtpu initializes, below.
+  # Read when libtpu first initializes, below. Compile-only use touches no chip: let several
+  # processes (parallel tests, a compile beside a job) load libtpu at once, and name a slice and
+  # its one worker, which libtpu would otherwise look for and warn about, at length, not finding.
   os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
+  os.environ.setdefault("TPU_ACCELERATOR_TYPE", accelerator.name)
+  os.environ.setdefault("TPU_WORKER_HOSTNAMES", "localhost")
   from jax.experimental import topologies
 
   topology = topologies.get_topology_desc(

@@ -154,8 +154,7 @@ def resolve(impl: str, dtype: jnp.dtype) -> str:
   if impl != AUTO:
     if impl not in IMPLEMENTATIONS:
       raise ValueError(
-        f"unknown attention implementation {impl!r}; available: {AUTO} or "
-        f"{sorted(IMPLEMENTATIONS)}"
+        f"unknown attention implementation {impl!r}; available: {AUTO} or {sorted(IMPLEMENTATIONS)}"
       )
     return impl
   platform = target_platform()

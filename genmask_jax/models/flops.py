@@ -86,9 +86,7 @@ def dit_forward_flops(cfg: ml_collections.ConfigDict, tokens: int, noisy: int, t
   return cfg.num_layers * sum(block_op_flops(cfg, tokens, text).values()) + embeddings
 
 
-def dit_recompute_flops(
-  cfg: ml_collections.ConfigDict, tokens: int, text: int, kernel: str
-) -> int:
+def dit_recompute_flops(cfg: ml_collections.ConfigDict, tokens: int, text: int, kernel: str) -> int:
   """One sample's FLOPs that `cfg.remat_policy` runs again in the backward pass, with the
   attention `kernel` (models/attention.py's name, resolved)."""
   ops = block_op_flops(cfg, tokens, text)
@@ -175,7 +173,11 @@ def train_step_flops(
 
 
 def train_step_recompute_flops(
-  config: ml_collections.ConfigDict, segmentation: int, generation: int, resolution: int, kernel: str
+  config: ml_collections.ConfigDict,
+  segmentation: int,
+  generation: int,
+  resolution: int,
+  kernel: str,
 ) -> int:
   """What the remat policy adds to `train_step_flops`, with the attention `kernel`."""
   n, seg_tokens, text = _step_tokens(config, resolution)

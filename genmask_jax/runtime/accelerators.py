@@ -51,7 +51,7 @@ _GRIDS = {  # v5e and v6e: 2D grids.
 }
 
 FAMILIES = {
-  "v4": Family("v4", 2, 4, 4, int(31.25 * GIB), _CUBES),
+  "v4": Family("v4", 2, 4, 4, int(30.75 * GIB), _CUBES),
   "v5p": Family("v5p", 2, 4, 4, int(95.74 * GIB), _CUBES),
   "v5litepod": Family("v5e", 1, 4, 8, int(15.75 * GIB), _GRIDS),
   "v6e": Family("v6e", 1, 4, 8, int(31.25 * GIB), _GRIDS),

@@ -116,18 +116,6 @@ def encode_batch(models: Models, vae_params, sub_batch: dict, task: int) -> dict
   return out
 
 
-def split_microbatches(batch: dict, count: int) -> dict:
-  """Each array (B, ...) of `batch` as (count, B / count, ...): microbatch i holds rows i,
-  i + count, ... so that every device keeps its own rows (no data moves)."""
-
-  def split(x):
-    micro = x.reshape(x.shape[0] // count, count, *x.shape[1:]).swapaxes(0, 1)
-    names = (None, "activation_batch") + (None,) * (x.ndim - 1)
-    return nn.with_logical_constraint(micro, names)
-
-  return jax.tree.map(split, batch)
-
-
 def batch_gradients(
   models: Models, config: ml_collections.ConfigDict, params: Any, vae_params: Any, batch: dict, rng
 ) -> tuple[Any, dict[str, jax.Array]]:
@@ -331,7 +319,11 @@ def train(
         if step == first_step:  # Compile first, then all processes start stepping together.
           start, hits = time.perf_counter(), compile_cache.counts()["hits"]
           step_fn = step_fn.lower(state, frozen_vae, batch, rng).compile()
-          how = "loaded from the compilation cache" if compile_cache.counts()["hits"] > hits else "compiled"
+          how = (
+            "loaded from the compilation cache"
+            if compile_cache.counts()["hits"] > hits
+            else "compiled"
+          )
           logging.info("train step %s in %.1f s", how, time.perf_counter() - start)
           distributed.wait_for_peers("train_step_compiled")
         state, metrics = step_fn(state, frozen_vae, batch, rng)
