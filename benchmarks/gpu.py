@@ -16,8 +16,8 @@ Both sides get random weights of the same architecture and the same work, on the
   weights in the compute dtype; masks/s at each batch size, and the IoU of the largest batch's
   masks with the same model's in fp32 (weights and compute; 1 when the preset is fp32).
 MFU divides the analytic model FLOPs (genmask_jax/models/flops.py; no recomputation counted) by
-the step time and the device's dense bf16 peak. Peak memory is the allocator's high-water mark on a GPU; on CPU, ours
-is XLA's compile-time estimate and diffusers' is not measured.
+the step time and the device's dense bf16 peak. Peak memory is the allocator's high-water mark
+on a GPU; on CPU, ours is XLA's compile-time estimate and diffusers' is not measured.
 """
 
 from __future__ import annotations
