@@ -141,15 +141,18 @@ def run_search(config, target: check.Target) -> int:
 
   def show(row: search.Row) -> None:
     r = row.report
-    print(
-      f"  {row.candidate.describe()}, {row.per_chip_batch[0]} + {row.per_chip_batch[1]} per "
-      f"chip: +{row.recompute_flops / 1e12:.0f} TFLOP recompute, "
-      + (
+    if r is None:
+      outcome = f"skipped: {row.skipped}"
+    elif r.compiled:
+      outcome = (
         f"peak {r.peak_bytes / GIB:.2f} GiB ({r.hbm_fraction:.0%}), "
         f"compile {r.compile_seconds:.0f} s"
-        if r.compiled
-        else f"does not compile: {r.error.splitlines()[0][:200]}"
-      ),
+      )
+    else:
+      outcome = f"does not compile ({r.compile_seconds:.0f} s): {r.error.splitlines()[0][:200]}"
+    print(
+      f"  {row.candidate.describe()}, {row.per_chip_batch[0]} + {row.per_chip_batch[1]} per "
+      f"chip: +{row.recompute_flops / 1e12:.0f} TFLOP recompute, {outcome}",
       flush=True,
     )
 

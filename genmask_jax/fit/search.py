@@ -5,7 +5,8 @@ Candidates are ordered by the FLOPs their remat policy adds (models/flops.py), t
 number of microbatches (fewer: larger matmuls, fewer weight gathers), then by the order of the
 mesh splits given, then by the activation memory the policy keeps (less first). The first that
 fits with `headroom` of the chip's HBM free is the choice; `exhaustive` compiles every candidate
-for the table instead of stopping there.
+for the table instead of stopping there. A candidate is skipped, not compiled, when a leaner
+policy on the same mesh and microbatches was already out of memory.
 """
 
 from __future__ import annotations
@@ -56,6 +57,7 @@ class Row:
   per_chip_batch: tuple[int, int]  # Segmentation, generation samples per chip and microbatch.
   recompute_flops: int
   report: StepReport | None = None  # None: not compiled (the search stopped before it).
+  skipped: str = ""  # Why it was not compiled.
 
 
 def _per_chip(config, target: check.Target, candidate: Candidate) -> tuple[int, int] | None:
@@ -112,11 +114,23 @@ def search(
 ) -> Row | None:
   """Compiles `candidates` in order (each row's report is filled in) until one fits with
   `headroom` (all of them if `exhaustive`); returns that one, or None."""
-  choice = None
+  choice, out_of_memory = None, []
   for row in candidates:
-    (row.report,) = check.compile_for(row.candidate.apply(config), target, ("train",))
+    c = row.candidate
+    leaner = [
+      o.remat
+      for o in out_of_memory
+      if (o.mesh, o.microbatches) == (c.mesh, c.microbatches)
+      and BY_MEMORY.index(o.remat) <= BY_MEMORY.index(c.remat)
+    ]
+    if leaner:
+      row.skipped = f"remat {leaner[0]} keeps less and did not fit"
+    else:
+      (row.report,) = check.compile_for(c.apply(config), target, ("train",))
+      if row.report.out_of_memory or (row.report.compiled and not row.report.fits()):
+        out_of_memory.append(c)
     on_row(row)
-    if choice is None and row.report.fits(headroom):
+    if choice is None and row.report is not None and row.report.fits(headroom):
       choice = row
       if not exhaustive:
         break
