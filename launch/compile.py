@@ -23,10 +23,8 @@ from __future__ import annotations
 import os
 
 # This process only compiles: no backend of this host's accelerators is needed, and none may
-# claim them (a training job may be running on them). Programs for compile-only devices cannot
-# be loaded back from JAX's persistent cache: none is read or written.
+# claim them (a training job may be running on them).
 os.environ["JAX_PLATFORMS"] = "cpu"
-os.environ["JAX_ENABLE_COMPILATION_CACHE"] = "false"
 
 import sys  # noqa: E402
 from collections.abc import Sequence  # noqa: E402

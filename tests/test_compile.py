@@ -111,7 +111,9 @@ def test_two_slices_keep_one_slice_of_state_per_chip():
 
 def test_every_step_compiles_for_a_slice():
   target = check.Target(accelerators.parse("v5p-8"))
-  reports = check.compile_for(trial(4), target, ("segment", "generate", "vae"))
+  reports = check.compile_for(
+    trial(4), target, ("segment", "generate", "vae"), check.Batches(vae=4)
+  )
   assert [r.step for r in reports] == ["segment", "generate", "vae_encode", "vae_decode"]
   for r in reports:
     assert r.compiled and r.fits(), (r.step, r.error)

@@ -13,6 +13,8 @@ from __future__ import annotations
 import dataclasses
 import time
 
+from jax._src import config as jax_config
+
 from genmask_jax.fit import hlo
 from genmask_jax.fit.steps import Step, per_chip_bytes
 
@@ -70,7 +72,9 @@ def compile_step(step: Step, chips: int, hbm_bytes: int) -> StepReport:
   start = time.perf_counter()
   lowered = step.lower()
   try:
-    compiled = lowered.compile()
+    # A program for compile-only devices cannot be loaded back: keep it out of JAX's cache.
+    with jax_config.enable_compilation_cache(False):
+      compiled = lowered.compile()
   except Exception as e:  # noqa: BLE001 - XLA raises its own error types; all mean "no program".
     report.compile_seconds = time.perf_counter() - start
     report.error = f"{type(e).__name__}: {e}"
