@@ -11,7 +11,9 @@ real TPU compiler builds each step with the kernels the slice runs (splash atten
 the train step at the config's global batch, one-step segmentation (evaluation, predict), the
 generation sampler and the VAE's encode and decode (precompute, inference). For each it prints
 per-chip HBM (inputs by group, temporaries, peak against the chip's HBM), compile time, the
-bytes of each kind of collective per call and the analytic FLOPs; --json writes the same.
+bytes of each kind of collective per call (and, with --num_slices, what a chip sends to other
+slices over the data-center network), the Mosaic kernels and the analytic FLOPs; --json writes
+the same.
 
 It exits 1 when a step does not compile or does not fit, naming the knobs. --search compiles the
 train step over remat policies x mesh splits x microbatches, cheapest recomputation first, and
@@ -74,6 +76,7 @@ COLUMNS = (
   ("reduce-scatter GiB", 18, lambda r: _collective(r, "reduce-scatter")),
   ("all-reduce GiB", 14, lambda r: _collective(r, "all-reduce")),
   ("permute GiB", 11, lambda r: _collective(r, "collective-permute")),
+  ("DCN GiB", 7, lambda r: f"{sum(r.cross_slice.values()) / GIB:.3f}" if r.compiled else "-"),
   ("Mosaic", 6, lambda r: str(r.mosaic_calls) if r.compiled else "-"),
   ("TFLOP", 8, lambda r: f"{r.flops / 1e12:.4g}"),
   ("+remat", 7, lambda r: f"{r.recompute_flops / 1e12:.4g}" if r.step == "train" else ""),

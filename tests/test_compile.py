@@ -102,11 +102,15 @@ def test_reported_state_is_the_parameters_and_optimizer():
 
 def test_two_slices_keep_one_slice_of_state_per_chip():
   """Two v5e slices: data parallelism across them, FSDP within each, so that each chip holds
-  what it holds on one slice, at twice the global batch."""
+  what it holds on one slice, at twice the global batch, and sends the other slice only its
+  shard of the gradients to sum (fp32; TPU tiles pad the toy model's small vectors)."""
   one, two = train_report("v5litepod-4"), train_report("v5litepod-4", num_slices=2)
   assert two.compiled and two.fits(), two.error
   assert two.chips == 8 and two.inputs["state"] == one.inputs["state"]
   assert two.inputs["batch"] == one.inputs["batch"]
+  assert one.cross_slice == {} and set(two.cross_slice) == {"ALL_REDUCE"}
+  gradients = 4 * (one.inputs["state"] - 12) // 12  # The fp32 parameters' share of the state.
+  assert gradients <= two.cross_slice["ALL_REDUCE"] <= 2 * gradients
 
 
 def test_every_step_compiles_for_a_slice():

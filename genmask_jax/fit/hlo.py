@@ -22,6 +22,7 @@ _BODY = re.compile(r"\bbody=%?([\w.\-]+)")
 _CONDITION = re.compile(r"\bcondition=%?([\w.\-]+)")
 _KNOWN_TRIP_COUNT = re.compile(r'"known_trip_count":\{"n":"(\d+)"\}')
 _CONSTANT = re.compile(r"%?([\w.\-]+) = [su](?:32|64)\[\]\S* constant\((\d+)\)")
+_DCN_TYPE = re.compile(r'_xla_megascale_transfer_type="(\w+)"')
 _LESS_THAN = re.compile(r"ROOT .* compare\(%?[\w.\-]+, %?([\w.\-]+)\), direction=LT")
 _ARRAY = re.compile(r"\b(pred|[su](?:4|8|16|32|64)|bf16|f(?:16|32|64)|f8\w*)\[([\d,]*)\]")
 
@@ -125,3 +126,19 @@ def mosaic_calls(hlo: str) -> int:
   """Pallas TPU kernels compiled as Mosaic (an interpreted kernel leaves none): the custom calls
   in the program's text (a scanned body's once)."""
   return hlo.count('custom_call_target="tpu_custom_call"')
+
+
+def cross_slice_bytes(hlo: str) -> dict[str, int]:
+  """Bytes this chip sends to other slices per execution, by transfer type (ALL_REDUCE, ...):
+  on a multislice target the compiler writes each collective over the data-center network as
+  host transfers that the Megascale runtime carries out."""
+  counts = execution_counts(hlo)
+  totals: dict[str, int] = collections.defaultdict(int)
+  for name, lines in _computations(hlo).items():
+    for line in lines:
+      match, kind = _INSTRUCTION.match(line), _DCN_TYPE.search(line)
+      if match and kind and match.group(2) == "send":
+        arrays = [(d, s) for d, s in _ARRAY.findall(match.group(1)) if s]  # Payload, not u32[].
+        payload = " ".join(f"{d}[{s}]" for d, s in arrays[:1])
+        totals[kind.group(1)] += _bytes(payload) * counts.get(name, 0)
+  return dict(totals)

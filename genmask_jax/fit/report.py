@@ -36,6 +36,7 @@ class StepReport:
   alias_bytes: int = 0
   peak_bytes: int = 0
   collectives: dict[str, int] = dataclasses.field(default_factory=dict)  # Bytes per call.
+  cross_slice: dict[str, int] = dataclasses.field(default_factory=dict)  # Bytes sent over DCN.
   mosaic_calls: int = 0  # Pallas kernels (splash attention) compiled for the TPU.
   error: str = ""  # The compiler's message when it failed.
 
@@ -92,5 +93,6 @@ def compile_step(step: Step, chips: int, hbm_bytes: int) -> StepReport:
   )
   text = compiled.as_text()
   report.collectives = hlo.collective_bytes(text)
+  report.cross_slice = hlo.cross_slice_bytes(text)
   report.mosaic_calls = hlo.mosaic_calls(text)
   return report
