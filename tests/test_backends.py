@@ -5,6 +5,8 @@ import os
 import subprocess
 import sys
 
+import pytest
+
 # The tests' own environment names the platform; a user's shell does not.
 ENV = {k: v for k, v in os.environ.items() if k not in ("JAX_PLATFORMS", "XLA_FLAGS")}
 ENV["PYTHONPATH"] = "."
@@ -14,10 +16,17 @@ def run(code: str) -> subprocess.CompletedProcess:
   return subprocess.run([sys.executable, "-c", code], env=ENV, capture_output=True, text=True)
 
 
-def test_cpu_host_starts_no_tpu_backend_quietly():
-  result = run("import genmask_jax, jax; print(jax.default_backend(), jax.device_count())")
+@pytest.mark.parametrize("imports", ["genmask_jax, jax", "jax, genmask_jax"])
+def test_cpu_host_starts_no_tpu_backend_quietly(imports):
+  """Whichever is imported first; the choice stays in this process (no JAX_PLATFORMS that a
+  job submitted from here would inherit)."""
+  code = (
+    f"import os, {imports}\n"
+    "print(jax.default_backend(), jax.device_count(), os.environ.get('JAX_PLATFORMS'))"
+  )
+  result = run(code)
   assert result.returncode == 0, result.stderr
-  assert result.stdout.split() == ["cpu", "1"]
+  assert result.stdout.split() == ["cpu", "1", "None"]
   assert result.stderr == ""
 
 
