@@ -188,6 +188,7 @@ def supervise_argv(root, workdir, source, *extra: str) -> list[str]:
     "--allow_local_workdir",
     "--poll_seconds=0.3",
     "--backoff_seconds=0",
+    "--skip_compile_check",  # tests/test_launchers.py tests the check.
     *extra,
   ]
 
@@ -319,10 +320,12 @@ def test_supervise_dry_run_shows_one_cycle(source, capsys):
       "--workdir=gs://b/run",
       f"--source_dir={source}",
       "--max_restarts=4",
+      "--skip_compile_check",
       "--dry_run",
     ]
   )
   lines = _lines(capsys)
+  assert lines.pop(0) == "# compile check skipped (--skip_compile_check)"
   gcloud = [line.split()[3:5] for line in lines if line.startswith("gcloud")]
   assert gcloud == [
     ["queued-resources", "create"],
