@@ -12,6 +12,13 @@ import ml_collections
 
 from configs import data, models
 
+# The accelerator presets' memory settings: what `python -m launch.compile --search` chose for the
+# paper's global batch (the least recomputation that fits with 10% of HBM free; README "Will it
+# fit?" gives the slices they were compiled for).
+MEMORY_SETTINGS = {
+  "1.3b": dict(remat_policy="dots_attention", microbatches=1),
+}
+
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   size = arg or "1.3b"
@@ -53,6 +60,9 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   # Gradient accumulation: each task's global batch is taken in this many parts, one after the
   # other, for the same update in a part's activation memory (launch/compile.py --search).
   config.microbatches = 1
+  if size in MEMORY_SETTINGS:
+    config.dit.remat_policy = MEMORY_SETTINGS[size]["remat_policy"]
+    config.microbatches = MEMORY_SETTINGS[size]["microbatches"]
   config.optimizer = dict(
     lr=5e-5,
     min_lr=1e-5,
