@@ -216,3 +216,14 @@ def test_a_config_that_does_not_fit_exits_nonzero_naming_the_knobs():
   assert "step train does not fit v5litepod-4" in message, message[-3000:]
   for knob in ("remat policy", "mesh split", "per-chip batch", "microbatches", "chips"):
     assert knob in message
+
+
+@pytest.mark.parametrize("accelerator", ["v6e-64", "v5p-64", "v5litepod-16"])
+def test_fsdp_over_a_whole_slice_has_a_mesh(accelerator):
+  """FSDP over every chip runs across both axes of a v6e's 8 x 8 torus (jax.make_mesh refuses
+  that outside v5e)."""
+  config = trial(4)
+  devices = targets.tpu_devices(accelerators.parse(accelerator))
+  mesh = sharding.make_mesh(config.mesh, devices)
+  assert dict(mesh.shape) == {"data": 1, "fsdp": len(devices), "tensor": 1}
+  assert sorted(d.id for d in mesh.devices.flat) == sorted(d.id for d in devices)

@@ -68,12 +68,16 @@ def make_mesh(config: ml_collections.ConfigDict, devices: Sequence[Any] | None =
   if len(devices) % slices:
     raise ValueError(f"{len(devices)} devices do not split into {slices} equal slices")
   per_slice = mesh_shape([config[a] for a in MESH_AXES], len(devices) // slices)
-  auto = (jax.sharding.AxisType.Auto,) * len(MESH_AXES)
+  # A mesh axis may run across several axes of the chips' torus (fsdp over all 64 chips of a
+  # v6e 8 x 8 slice): jax.make_mesh allows that on v5e only.
   if slices == 1:
-    return jax.make_mesh(per_slice, MESH_AXES, axis_types=auto, devices=devices)
-  dcn = (slices,) + (1,) * (len(MESH_AXES) - 1)
-  grid = mesh_utils.create_hybrid_device_mesh(per_slice, dcn, devices)
-  return Mesh(grid, MESH_AXES, axis_types=auto)
+    grid = mesh_utils.create_device_mesh(per_slice, devices, allow_split_physical_axes=True)
+  else:
+    dcn = (slices,) + (1,) * (len(MESH_AXES) - 1)
+    grid = mesh_utils.create_hybrid_device_mesh(
+      per_slice, dcn, devices, allow_split_physical_axes=True
+    )
+  return Mesh(grid, MESH_AXES, axis_types=(jax.sharding.AxisType.Auto,) * len(MESH_AXES))
 
 
 def rules(config: ml_collections.ConfigDict | None = None) -> tuple[tuple[str, Any], ...]:
