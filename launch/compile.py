@@ -100,7 +100,7 @@ def table(reports: Sequence[StepReport], prefix: Sequence[tuple[str, int, list[s
 def knobs(config, target: check.Target, report: StepReport) -> str:
   """What to change when `report`'s step does not fit or compile."""
   mesh = check.mesh_of(config, target)
-  per_chip = {
+  per_shard = {
     t: config.data[t].global_batch_size // (mesh["data"] * mesh["fsdp"])
     for t in ("segmentation", "generation")
   }
@@ -114,7 +114,7 @@ def knobs(config, target: check.Target, report: StepReport) -> str:
     f"  knobs: remat policy (now {config.dit.remat_policy}: --config.dit.remat_policy=full keeps "
     f"the least); mesh split (now data={mesh['data']} fsdp={mesh['fsdp']} "
     f"tensor={mesh['tensor']}: --config.mesh.tensor=2 splits activations too); per-chip batch "
-    f"(now {per_chip['segmentation']} + {per_chip['generation']} samples in "
+    f"(now {per_shard['segmentation']} + {per_shard['generation']} samples per batch shard in "
     f"{config.get('microbatches', 1)} microbatches: --config.microbatches=2 halves the "
     f"activations); chips ({target.chips}: a larger --topology or --num_slices); or --search"
   )
@@ -152,8 +152,8 @@ def run_search(config, target: check.Target) -> int:
     else:
       outcome = f"does not compile ({r.compile_seconds:.0f} s): {r.error.splitlines()[0][:200]}"
     print(
-      f"  {row.candidate.describe()}, {row.per_chip_batch[0]} + {row.per_chip_batch[1]} per "
-      f"chip: +{row.recompute_flops / 1e12:.0f} TFLOP recompute, {outcome}",
+      f"  {row.candidate.describe()}, {row.per_shard_batch[0]} + {row.per_shard_batch[1]} "
+      f"samples per batch shard: +{row.recompute_flops / 1e12:.0f} TFLOP recompute, {outcome}",
       flush=True,
     )
 
@@ -175,7 +175,9 @@ def run_search(config, target: check.Target) -> int:
       {
         "target": target.describe(),
         "rows": [
-          dict(vars(row.candidate), per_chip_batch=row.per_chip_batch, report=row.report.to_json())
+          dict(
+            vars(row.candidate), per_shard_batch=row.per_shard_batch, report=row.report.to_json()
+          )
           for row in compiled
         ],
         "choice": vars(choice.candidate) if choice else None,

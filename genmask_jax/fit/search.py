@@ -54,14 +54,16 @@ class Candidate:
 @dataclasses.dataclass
 class Row:
   candidate: Candidate
-  per_chip_batch: tuple[int, int]  # Segmentation, generation samples per chip and microbatch.
+  # Segmentation and generation samples per batch shard (data x fsdp; a tensor group shares
+  # them) and microbatch.
+  per_shard_batch: tuple[int, int]
   recompute_flops: int
   report: StepReport | None = None  # None: not compiled (the search stopped before it).
   skipped: str = ""  # Why it was not compiled.
 
 
-def _per_chip(config, target: check.Target, candidate: Candidate) -> tuple[int, int] | None:
-  """Samples per chip and microbatch of each task; None if the batch does not split so."""
+def _per_shard(config, target: check.Target, candidate: Candidate) -> tuple[int, int] | None:
+  """Samples per batch shard and microbatch of each task; None if the batch does not split so."""
   shape = check.mesh_of(candidate.apply(config), target)
   shards = shape["data"] * shape["fsdp"]
   sizes = []
@@ -89,10 +91,10 @@ def rows(
       for policy in policies:
         candidate = Candidate(policy, tuple(mesh), count)
         try:
-          per_chip = _per_chip(config, target, candidate)
+          per_shard = _per_shard(config, target, candidate)
         except ValueError:  # The split does not divide the slice's chips.
           continue
-        if per_chip is None or config.dit.num_heads % candidate.mesh[2]:
+        if per_shard is None or config.dit.num_heads % candidate.mesh[2]:
           continue
         candidate_config = candidate.apply(config)
         sizes = [config.data[t].global_batch_size for t in ("segmentation", "generation")]
@@ -100,7 +102,7 @@ def rows(
           candidate_config, sizes[0], sizes[1], resolution, kernel
         )
         key = (recompute, count, m, BY_MEMORY.index(policy))
-        out.append((key, Row(candidate, per_chip, recompute)))
+        out.append((key, Row(candidate, per_shard, recompute)))
   return [row for _, row in sorted(out, key=lambda item: item[0])]
 
 
