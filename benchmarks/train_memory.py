@@ -22,12 +22,12 @@ if "xla_force_host_platform_device_count" not in os.environ.get("XLA_FLAGS", "")
   ).strip()
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 
-import argparse  # noqa: E402
 import time  # noqa: E402
 
 import flax.linen as nn  # noqa: E402
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
+from absl import app, flags  # noqa: E402
 
 from configs.genmask import get_config  # noqa: E402
 from genmask_jax.data.pipeline import TEXT_DTYPES  # noqa: E402
@@ -76,15 +76,17 @@ def compile_step(config, batch: int, resolution: int):
   return compiled, time.perf_counter() - start
 
 
-def main() -> None:
-  parser = argparse.ArgumentParser(description=__doc__)
-  parser.add_argument("--size", default="1.3b", help="configs/genmask.py size")
-  parser.add_argument("--resolution", type=int, default=512)
-  parser.add_argument("--batch", type=int, default=8, help="global batch per task")
-  parser.add_argument("--data", type=int, default=1, help="mesh data axis; fsdp takes the rest")
-  parser.add_argument("--dtype", default="bfloat16", help="DiT compute dtype")
-  parser.add_argument("--policies", default="none,full", help="comma-separated remat policies")
-  args = parser.parse_args()
+flags.DEFINE_string("size", "1.3b", "configs/genmask.py size")
+flags.DEFINE_integer("resolution", 512, "resolution.")
+flags.DEFINE_integer("batch", 8, "global batch per task")
+flags.DEFINE_integer("data", 1, "mesh data axis; fsdp takes the rest")
+flags.DEFINE_string("dtype", "bfloat16", "DiT compute dtype")
+flags.DEFINE_string("policies", "none,full", "comma-separated remat policies")
+
+
+def main(argv: list[str]) -> None:
+  del argv
+  args = flags.FLAGS
 
   config = get_config(args.size)
   config.mesh = dict(data=args.data, fsdp=-1, tensor=1)
@@ -119,4 +121,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-  main()
+  app.run(main)

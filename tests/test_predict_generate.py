@@ -27,8 +27,9 @@ from genmask_jax.evaluation import resize
 from genmask_jax.inference import model as inference
 from genmask_jax.models.genmask import Models
 from genmask_jax.runtime import sharding
-from genmask_jax.vlm import encode, prompts, tiny_qwen
-from launch import precompute_vlm
+from genmask_jax.vlm import encode, image_policy, prompts, tiny_qwen
+
+POLICY = image_policy.DEFAULT.to_record()  # Every feature store records one.
 
 VLM_ID = "tiny_qwen"  # The VLM directory's name: the encoder id the tools derive from it.
 VLM_WIDTH = 64
@@ -44,11 +45,9 @@ CAPTIONS = ("A photo of a red cat.", "A photo of a blue bus.", "A photo of a dog
 
 def encode_store(model, processor, store: str, out: str, reasoning: bool = False) -> None:
   samples = records.RecordReader(store)
-  meta = FeatureMeta(VLM_ID, prompts.prompt_template(reasoning), "float16", VLM_WIDTH)
+  meta = FeatureMeta(VLM_ID, prompts.prompt_template(reasoning), "float16", VLM_WIDTH, POLICY)
   writer = FeatureWriter(out, meta, StoreLayout(len(samples), 1, len(samples)), 0)
-  assert precompute_vlm.precompute(
-    model, processor, samples, writer, batch_size=16, reasoning=reasoning
-  )
+  assert encode.precompute(model, processor, samples, writer, batch_size=16, reasoning=reasoning)
 
 
 class Runner:
