@@ -24,6 +24,7 @@ from genmask_jax.runtime import fileio, log_filter
 from launch import run_flags
 
 RUN = run_flags.define()
+flags.adopt_module_key_flags(run_flags)  # --help lists the shared flags too.
 _PROMPT = flags.DEFINE_multi_string("prompt", [], "A caption; repeatable.")
 _STEPS = flags.DEFINE_integer("steps", None, "Euler steps; default config.generate.num_steps.")
 _SHIFT = flags.DEFINE_float("shift", None, "Schedule shift; default config.generate.shift.")

@@ -30,6 +30,7 @@ from genmask_jax.runtime import fileio, log_filter
 from launch import run_flags
 
 RUN = run_flags.define()
+flags.adopt_module_key_flags(run_flags)  # --help lists the shared flags too.
 _IMAGE = flags.DEFINE_multi_string("image", [], "Image file (JPEG or PNG); repeatable.")
 _TEXT = flags.DEFINE_multi_string("text", [], "What to segment: one per --image or one for all.")
 _REASONING = flags.DEFINE_bool(

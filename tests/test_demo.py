@@ -11,7 +11,7 @@ import pytest
 from conftest import DEMO_ENV, short_demo_command
 from PIL import Image
 
-from launch import demo as launch_demo
+from genmask_jax import demo as demo_stages
 
 STEPS = 400
 # mIoU on the training scenes: measured 0.852 / 0.793 / 0.845 after training (seeds 0 / 1 / 2),
@@ -92,11 +92,11 @@ def test_demo_refuses_stores_of_another_size(tmp_path):
     dict(num_train=4, num_heldout=2, num_gen=2, num_generate=2, num_eval_train=2, image_size=32)
   )
   data_dir = str(tmp_path / "data")
-  launch_demo.make_data(demo, data_dir)
-  launch_demo.make_data(demo, data_dir)  # Nothing to redo, nothing refused.
+  demo_stages.make_data(demo, data_dir)
+  demo_stages.make_data(demo, data_dir)  # Nothing to redo, nothing refused.
   demo.num_generate = 3
   with pytest.raises(ValueError, match=r"gen_heldout holds 2 samples .*demo.num_generate is 3"):
-    launch_demo.make_data(demo, data_dir)
+    demo_stages.make_data(demo, data_dir)
 
 
 @pytest.mark.slow

@@ -4,7 +4,7 @@ Training images and masks are only resized and padded, never randomly augmented,
 latents are the same every epoch; reading them from a store skips the frozen VAE encoder in
 the train step (a quarter of the CPU demo's step: benchmarks/demo_step.py). A store belongs to
 one sample store (same ids, same order), one task, one resolution and one VAE: its
-fingerprint (runs/record.vae_fingerprint) hashes the VAE's settings (latent statistics
+fingerprint (runs/model.vae_fingerprint) hashes the VAE's settings (latent statistics
 included) and parameters, and training refuses a store made by another VAE.
 
 A store of the protocol of data/store.py, kind "latents", written by
@@ -43,7 +43,7 @@ LatentError = StoreError  # The name callers catch a wrong or mismatched latent 
 
 @dataclasses.dataclass(frozen=True)
 class LatentMeta:
-  vae: str  # runs/record.vae_fingerprint of the VAE that encoded the store.
+  vae: str  # runs/model.vae_fingerprint of the VAE that encoded the store.
   task: str
   resolution: int
   dtype: str
