@@ -156,7 +156,7 @@ def test_predict_with_the_workdir_alone_reproduces_the_evaluation(demo, tmp_path
 def test_one_mask_recomputed_from_the_dit_equals_predicts(demo):
   """A held-out scene's mask computed here from the checkpoint's parameters, the VAE without its
   latent normalization and the run's latent statistics applied by hand, the DiT called once at
-  t = 1: the façade's mask (predict's), pixel for pixel but for rounding at the threshold."""
+  t = 1: the façade's mask (predict's), pixel for pixel but for float rounding at the threshold."""
   run_dir = os.path.join(demo, "genmask")
   config = record.config_from_dict(record.read_record(run_dir)["config"])
   features = os.path.join(demo, "features", "heldout")
@@ -194,7 +194,8 @@ def test_one_mask_recomputed_from_the_dit_equals_predicts(demo):
   expected = 5.0 * np.asarray(decoded)[0].mean(-1) > 0  # The mask-logit rule: data/masks.py.
 
   assert mask.shape == expected.shape and 0.05 < expected.mean() < 0.95
-  assert np.mean(mask != expected) < 1e-3, np.mean(mask != expected)
+  # Measured: no pixel differs; skipping the statistics on the way in changes 39 of 4096.
+  assert np.sum(mask != expected) <= 4, np.sum(mask != expected)
   assert iou(mask, sample) == pytest.approx(evaluated_ious(demo)[sample["id"]], abs=1e-6)
 
 
