@@ -106,17 +106,17 @@ def _moved(cfg, old_root: str, new_root: str):
   return cfg
 
 
-flags.DEFINE_integer("resolution", 512, "resolution.")
+flags.DEFINE_integer("resolution", 512, "Image side in pixels.")
 flags.DEFINE_integer("batch_size", 8, "Per task and step.")
 flags.DEFINE_list("workers", ["0", "2"], "grain worker counts to time, comma-separated.")
 flags.DEFINE_integer("num_samples", 96, "Per task.")
 flags.DEFINE_integer("steps", 12, "Timed steps after 2 warm-up ones.")
 flags.DEFINE_integer("hidden", 3584, "Qwen2.5-VL-7B's width.")
 flags.DEFINE_integer("tokens", 350, "Real tokens per sample.")
-flags.DEFINE_integer("text_len", 512, "text len.")
-flags.DEFINE_enum("text_dtype", "bfloat16", list(pipeline.TEXT_DTYPES), "text dtype.")
-flags.DEFINE_integer("threads", 8, "threads.")
-flags.DEFINE_string("model_id", "bench", "model id.")
+flags.DEFINE_integer("text_len", 512, "Text length in tokens (padded).")
+flags.DEFINE_enum("text_dtype", "bfloat16", list(pipeline.TEXT_DTYPES), "Host dtype of the text.")
+flags.DEFINE_integer("threads", 8, "grain reader threads.")
+flags.DEFINE_string("model_id", "bench", "Encoder id the stores record.")
 flags.DEFINE_bool("latents", False, "Read latent stores too.")
 flags.DEFINE_bool("gcs", False, "Also read the stores from gs://.")
 flags.DEFINE_integer("rounds", 2, "Alternating rounds with --gcs.")

@@ -35,8 +35,8 @@ def reference_model(cfg):
 
 flags.DEFINE_string("size", "mid", "DiT preset of configs/models.py")
 flags.DEFINE_integer("tokens", 1024, "noisy tokens (= condition tokens)")
-flags.DEFINE_integer("text_len", 64, "text len.")
-flags.DEFINE_integer("repeats", 5, "repeats.")
+flags.DEFINE_integer("text_len", 64, "Text length in tokens.")
+flags.DEFINE_integer("repeats", 5, "Timed repetitions.")
 
 
 def main(argv: list[str]) -> None:

@@ -35,8 +35,8 @@ def loss_and_grad(cfg, policy: str):
 
 flags.DEFINE_string("size", "mid", "DiT preset of configs/models.py")
 flags.DEFINE_integer("tokens", 1024, "noisy tokens (= condition tokens)")
-flags.DEFINE_integer("text_len", 512, "text len.")
-flags.DEFINE_integer("batch", 2, "batch.")
+flags.DEFINE_integer("text_len", 512, "Text length in tokens (padded).")
+flags.DEFINE_integer("batch", 2, "Batch size.")
 flags.DEFINE_string("dtype", "bfloat16", "compute dtype")
 flags.DEFINE_string("attention", "xla", "attention kernel")
 flags.DEFINE_integer("repeats", 3, "timed steps; 0: compile only")

@@ -37,10 +37,10 @@ def loop_seconds_per_step(config, workdir: str) -> float:
   return 1 / float(np.mean(rates))
 
 
-flags.DEFINE_integer("resolution", 512, "resolution.")
+flags.DEFINE_integer("resolution", 512, "Image side in pixels.")
 flags.DEFINE_integer("batch_size", 4, "Per task and step.")
-flags.DEFINE_integer("steps", 30, "steps.")
-flags.DEFINE_integer("log_every", 5, "log every.")
+flags.DEFINE_integer("steps", 30, "Timed train steps.")
+flags.DEFINE_integer("log_every", 5, "config.log_every of the loop.")
 flags.DEFINE_integer("num_samples", 32, "Per task.")
 
 

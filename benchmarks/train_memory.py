@@ -77,7 +77,7 @@ def compile_step(config, batch: int, resolution: int):
 
 
 flags.DEFINE_string("size", "1.3b", "configs/genmask.py size")
-flags.DEFINE_integer("resolution", 512, "resolution.")
+flags.DEFINE_integer("resolution", 512, "Image side in pixels.")
 flags.DEFINE_integer("batch", 8, "global batch per task")
 flags.DEFINE_integer("data", 1, "mesh data axis; fsdp takes the rest")
 flags.DEFINE_string("dtype", "bfloat16", "DiT compute dtype")

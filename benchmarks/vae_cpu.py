@@ -25,8 +25,8 @@ from genmask_jax.models.vae import LATENTS_MEAN, LATENTS_STD, WanVAE
 
 flags.DEFINE_integer("base_dim", 96, "96 is WAN-2.1's VAE")
 flags.DEFINE_integer("size", 256, "image side in pixels")
-flags.DEFINE_integer("batch", 1, "batch.")
-flags.DEFINE_integer("repeats", 3, "repeats.")
+flags.DEFINE_integer("batch", 1, "Batch size.")
+flags.DEFINE_integer("repeats", 3, "Timed repetitions.")
 
 
 def main(argv: list[str]) -> None:

@@ -151,7 +151,7 @@ def time_batch_size(model, processor, samples, batch_size: int, max_pixels: int,
 
 flags.DEFINE_bool("tiny", False, "the tiny Qwen2.5-VL (CPU, CI)")
 flags.DEFINE_bool("analytic", False, "7B sizes only, no model")
-flags.DEFINE_string("device", "cuda" if torch.cuda.is_available() else "cpu", "device.")
+flags.DEFINE_string("device", "cuda" if torch.cuda.is_available() else "cpu", "torch device.")
 flags.DEFINE_string("batch_sizes", None, "comma-separated (default: the preset's)")
 flags.DEFINE_integer("samples", None, "samples per batch size (default: preset's)")
 flags.DEFINE_integer("max_pixels", 512 * 512, "as precompute_vlm's")
