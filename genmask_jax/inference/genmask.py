@@ -65,10 +65,11 @@ class GenMask:
     run_record: dict | None,
     vlm: VLM | None = None,
     devices: Sequence[jax.Device] | None = None,
-    loaded: Loaded | None = None,
   ):
+    """Use `GenMask.open`: it resolves and checks the config."""
     self.workdir, self.config, self.record = workdir, config, run_record
-    self.vlm, self._devices, self._loaded = vlm, devices, loaded
+    self.vlm, self._devices = vlm, devices
+    self._loaded: Loaded | None = None
     self._programs: dict = {}
 
   @classmethod
@@ -161,10 +162,11 @@ class GenMask:
       yield loaded
 
   def _program(self, build: Any, config: ml_collections.ConfigDict, *key: Any):
-    """`build(models, config)` (runs/model.py), compiled once per `key`."""
+    """`build(models, config)` (runs/model.py), built once per `key` (the settings it reads), on a
+    copy of the config: a later change to `self.config` gets a program of its own."""
     key = (build.__name__, *key)
     if key not in self._programs:
-      self._programs[key] = build(self.loaded.models, config)
+      self._programs[key] = build(self.loaded.models, copy.deepcopy(config))
     return self._programs[key]
 
   def features(
@@ -211,7 +213,8 @@ class GenMask:
     items = queries.examples(self.config, samples, hidden, self.config.data.segmentation.resolution)
     logits = []
     with self.activate() as loaded:
-      segment_fn = self._program(model.segmenter, self.config)
+      segment = self.config.segment
+      segment_fn = self._program(model.segmenter, self.config, *sorted(segment.items()))
       keys = ("image", "text", "text_mask")
       for batch, real in queries.batches(items, keys, loaded.mesh, batch_size):
         predicted = segment_fn(
