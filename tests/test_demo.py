@@ -77,13 +77,26 @@ def test_short_demo_runs_learns_and_resumes(short_demo):
   assert os.path.exists(os.path.join(workdir, "eval", "heldout_overlays.png"))
   assert os.listdir(os.path.join(workdir, "genmask", "tensorboard"))
 
-  # Re-running continues from what exists: no data, features, VAE or DiT steps are redone.
+  # Re-running continues from what exists: no data, features, VAE, latents or DiT steps are
+  # redone (the latent stage reports its complete stores, and rewrites none of their files).
+  stores = ("data", "features", "latents")
+  written = {p: os.path.getmtime(p) for p in stored_files(workdir, stores)}
   again = subprocess.run(
     short_demo_command(workdir), env=DEMO_ENV, capture_output=True, text=True, timeout=1500
   )
   assert again.returncode == 0, again.stderr[-3000:]
-  assert "VAE step" not in again.stderr and "precompute" not in again.stderr
+  assert "VAE step" not in again.stderr and "precompute_vlm" not in again.stderr
+  assert {p: os.path.getmtime(p) for p in stored_files(workdir, stores)} == written
   assert len(losses(workdir, "loss/segmentation")) == STEPS
+
+
+def stored_files(workdir: str, folders: tuple[str, ...]) -> list[str]:
+  return [
+    os.path.join(root, name)
+    for folder in folders
+    for root, _, names in os.walk(os.path.join(workdir, folder))
+    for name in names
+  ]
 
 
 def test_demo_refuses_stores_of_another_size(tmp_path):
