@@ -20,12 +20,14 @@ import os
 import jax
 import numpy as np
 from absl import app, flags, logging
+from ml_collections import config_flags
 
-from genmask_jax.evaluation import evaluate
+from genmask_jax import GenMask, demo
 from genmask_jax.runtime import host_memory, log_filter
 from genmask_jax.training import train
-from launch import demo
 
+_CONFIG = config_flags.DEFINE_config_file("config", "configs/demo.py", "Demo config.")
+_WORKDIR = flags.DEFINE_string("workdir", "runs/demo", "The demo work directory to reuse.")
 _ONLY = flags.DEFINE_list("only", [], "Variants to run, by slug (default: all); see --helpfull.")
 _SEEDS = flags.DEFINE_list("seeds", ["0", "1"], "config.seed of each run of a variant.")
 
@@ -58,7 +60,7 @@ def slug(name: str) -> str:
 
 
 def run_variant(name: str, overrides: dict, workdir: str, seed: int) -> dict[str, float]:
-  config = copy.deepcopy(demo.CONFIG.value)
+  config = copy.deepcopy(_CONFIG.value)
   demo.prepare(config, workdir)
   with config.unlocked():
     config.seed = seed
@@ -83,7 +85,7 @@ def run_variant(name: str, overrides: dict, workdir: str, seed: int) -> dict[str
     with open(result_path) as f:
       return json.load(f)
   train.train(config, run_dir)
-  results = evaluate.evaluate(config, run_dir)
+  results = GenMask.open(run_dir).evaluate()
   with open(result_path, "w") as f:
     json.dump(results["heldout"], f)
   logging.info("%s, seed %d: held-out mIoU %.3f", name, seed, results["heldout"]["gIoU"])
@@ -93,14 +95,14 @@ def run_variant(name: str, overrides: dict, workdir: str, seed: int) -> dict[str
 def main(argv: list[str]) -> None:
   del argv
   log_filter.quiet_library_logs()
-  workdir = os.path.abspath(demo.WORKDIR.value)
+  workdir = os.path.abspath(_WORKDIR.value)
   unknown = set(_ONLY.value) - {slug(n) for n in VARIANTS}
   if unknown:
     raise app.UsageError(f"--only {sorted(unknown)}: variants are {[slug(n) for n in VARIANTS]}")
   names = [n for n in VARIANTS if not _ONLY.value or slug(n) in _ONLY.value]
   seeds = [int(s) for s in _SEEDS.value]
   rows = {n: [run_variant(n, VARIANTS[n], workdir, s) for s in seeds] for n in names}
-  steps, device = demo.CONFIG.value.total_steps, jax.devices()[0].device_kind
+  steps, device = _CONFIG.value.total_steps, jax.devices()[0].device_kind
   print(f"\nToy-scale ablations, {steps} steps, seeds {seeds}, held-out expressions ({device})")
   print(f"{'variant':34s} {'mIoU (min-max)':>20s} {'oIoU':>7s} {'P@0.5':>7s}")
   for name, runs in rows.items():

@@ -13,7 +13,6 @@ reading in alternating rounds: the ratio shows the cost of the object-store code
 
 from __future__ import annotations
 
-import argparse
 import os
 import tempfile
 import time
@@ -21,12 +20,13 @@ import time
 import cv2
 import grain
 import numpy as np
-from absl import flags
+from absl import app, flags
 
 from configs import data
-from genmask_jax.data import encode_latents, pipeline, records
+from genmask_jax.data import encode_latents, pipeline, records, tasks
 from genmask_jax.data.features import FeatureItem, FeatureMeta, FeatureWriter, StoreLayout
 from genmask_jax.runtime import fileio, gcs_emulator
+from genmask_jax.vlm import image_policy
 from genmask_jax.vlm.prompts import prompt_template
 
 
@@ -40,7 +40,7 @@ def _photo(rng: np.random.Generator, height: int, width: int) -> bytes:
 
 def make_stores(root: str, task: str, args) -> dict:
   """A task's sample and feature stores (and latent store with args.latents) under `root`."""
-  rng = np.random.default_rng(records.TASKS.index(task))
+  rng = np.random.default_rng(tasks.NAMES.index(task))
   samples = os.path.join(root, task)
   with records.RecordWriter(samples, 256) as writer:
     for i in range(args.num_samples):
@@ -56,7 +56,9 @@ def make_stores(root: str, task: str, args) -> dict:
         )
       )
   features = os.path.join(root, task + "_features")
-  meta = FeatureMeta(args.model_id, prompt_template(), "bfloat16", args.hidden)
+  meta = FeatureMeta(
+    args.model_id, prompt_template(), "bfloat16", args.hidden, image_policy.DEFAULT.to_record()
+  )
   feature_writer = FeatureWriter(features, meta, StoreLayout(args.num_samples, 1, 64), 0)
   for shard, start, stop in feature_writer.pending_shards():
     feature_writer.write_shard(
@@ -97,30 +99,32 @@ def _rate(cfg, args) -> float:
 def _moved(cfg, old_root: str, new_root: str):
   """`cfg` with every store path under `new_root` instead of `old_root`."""
   cfg = cfg.copy_and_resolve_references()
-  for task in records.TASKS:
+  for task in tasks.NAMES:
     cfg[task].sources = [
       {k: v.replace(old_root, new_root, 1) for k, v in s.items()} for s in cfg[task].sources
     ]
   return cfg
 
 
-def main() -> None:
-  parser = argparse.ArgumentParser(description=__doc__)
-  parser.add_argument("--resolution", type=int, default=512)
-  parser.add_argument("--batch_size", type=int, default=8, help="Per task and step.")
-  parser.add_argument("--workers", type=int, nargs="+", default=[0, 2])
-  parser.add_argument("--num_samples", type=int, default=96, help="Per task.")
-  parser.add_argument("--steps", type=int, default=12, help="Timed steps after 2 warm-up ones.")
-  parser.add_argument("--hidden", type=int, default=3584, help="Qwen2.5-VL-7B's width.")
-  parser.add_argument("--tokens", type=int, default=350, help="Real tokens per sample.")
-  parser.add_argument("--text_len", type=int, default=512)
-  parser.add_argument("--text_dtype", default="bfloat16", choices=list(pipeline.TEXT_DTYPES))
-  parser.add_argument("--threads", type=int, default=8)
-  parser.add_argument("--model_id", default="bench")
-  parser.add_argument("--latents", action="store_true", help="Read latent stores too.")
-  parser.add_argument("--gcs", action="store_true", help="Also read the stores from gs://.")
-  parser.add_argument("--rounds", type=int, default=2, help="Alternating rounds with --gcs.")
-  args = parser.parse_args()
+flags.DEFINE_integer("resolution", 512, "Image side in pixels.")
+flags.DEFINE_integer("batch_size", 8, "Per task and step.")
+flags.DEFINE_list("workers", ["0", "2"], "grain worker counts to time, comma-separated.")
+flags.DEFINE_integer("num_samples", 96, "Per task.")
+flags.DEFINE_integer("steps", 12, "Timed steps after 2 warm-up ones.")
+flags.DEFINE_integer("hidden", 3584, "Qwen2.5-VL-7B's width.")
+flags.DEFINE_integer("tokens", 350, "Real tokens per sample.")
+flags.DEFINE_integer("text_len", 512, "Text length in tokens (padded).")
+flags.DEFINE_enum("text_dtype", "bfloat16", list(pipeline.TEXT_DTYPES), "Host dtype of the text.")
+flags.DEFINE_integer("threads", 8, "grain reader threads.")
+flags.DEFINE_string("model_id", "bench", "Encoder id the stores record.")
+flags.DEFINE_bool("latents", False, "Read latent stores too.")
+flags.DEFINE_bool("gcs", False, "Also read the stores from gs://.")
+flags.DEFINE_integer("rounds", 2, "Alternating rounds with --gcs.")
+
+
+def main(argv: list[str]) -> None:
+  del argv
+  args = flags.FLAGS
   flags.FLAGS.mark_as_parsed()  # grain workers read absl flags.
 
   with tempfile.TemporaryDirectory() as root:
@@ -131,7 +135,7 @@ def main() -> None:
       text_dtype=args.text_dtype,
       num_threads=args.threads,
     )
-    for task in records.TASKS:
+    for task in tasks.NAMES:
       cfg[task].update(
         sources=[make_stores(root, task, args)],
         resolution=args.resolution,
@@ -149,7 +153,7 @@ def main() -> None:
       f"task, 640x480 JPEGs, text {args.tokens}/{args.text_len} x {args.hidden} {args.text_dtype}"
       + (", stored latents" if args.latents else "")
     )
-    for workers in args.workers:
+    for workers in map(int, args.workers):
       rates = {name: [] for name in configs}
       for _ in range(args.rounds if args.gcs else 1):
         for name, config in configs.items():
@@ -162,4 +166,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-  main()
+  app.run(main)

@@ -25,13 +25,15 @@ from absl import app, flags
 from flax import linen as nn
 
 from configs.demo import get_config
+from genmask_jax import demo
 from genmask_jax.data import pipeline
-from genmask_jax.models.genmask import Models, frozen_vae_params
+from genmask_jax.models.genmask import Models
+from genmask_jax.runs.model import frozen_vae_params
 from genmask_jax.runtime import log_filter, sharding
 from genmask_jax.training import train
 from genmask_jax.training.optimizer import make_optimizer
-from launch import demo
 
+_WORKDIR = flags.DEFINE_string("workdir", "runs/demo", "The demo work directory to reuse.")
 _ROUNDS = flags.DEFINE_integer("rounds", 12, "Timed rounds per variant (after one warm-up).")
 _STEPS = flags.DEFINE_integer("steps_per_round", 5, "Train steps per round.")
 
@@ -63,7 +65,7 @@ def main(argv: list[str]) -> None:
   del argv
   log_filter.quiet_library_logs()
   stored = get_config()
-  demo.prepare(stored, demo.WORKDIR.value)
+  demo.prepare(stored, _WORKDIR.value)
   in_step = stored.copy_and_resolve_references()
   for task in ("segmentation", "generation"):
     in_step.data[task].sources = [

@@ -13,13 +13,13 @@ cannot do better than this round trip.
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import time
 
 import jax
 import numpy as np
+from absl import app, flags
 
 from configs.demo import get_config
 from genmask_jax.data import records, synthetic
@@ -27,24 +27,27 @@ from genmask_jax.data.masks import mask_to_image
 from genmask_jax.evaluation import colours, metrics
 from genmask_jax.models.genmask import Models
 from genmask_jax.training import vae_training
-from launch.demo import training_images, vae_round_trip
+
+_DEMO = get_config().demo  # The demo VAE's settings: the flags' defaults.
+FLAGS = (
+  "workdir", "steps", "lr", "crop", "batch_size", "seed", "scenes"
+)  # fmt: skip
+flags.DEFINE_string("workdir", None, "A demo work directory (its data/).", required=True)
+flags.DEFINE_integer("steps", _DEMO.vae_steps, "VAE training steps.")
+flags.DEFINE_float("lr", _DEMO.vae_lr, "Learning rate.")
+flags.DEFINE_integer("crop", _DEMO.vae_crop, "Side of the random training windows.")
+flags.DEFINE_integer("batch_size", _DEMO.vae_batch_size, "Windows per step.")
+flags.DEFINE_integer("seed", 0, "Initialization and data order.")
+flags.DEFINE_integer("scenes", 256, "Caption scenes for the colours.")
 
 
-def main() -> None:
-  demo = get_config().demo
-  parser = argparse.ArgumentParser(description=__doc__)
-  parser.add_argument("--workdir", required=True, help="a demo work directory (its data/)")
-  parser.add_argument("--steps", type=int, default=demo.vae_steps)
-  parser.add_argument("--lr", type=float, default=demo.vae_lr)
-  parser.add_argument("--crop", type=int, default=demo.vae_crop)
-  parser.add_argument("--batch_size", type=int, default=demo.vae_batch_size)
-  parser.add_argument("--seed", type=int, default=0)
-  parser.add_argument("--scenes", type=int, default=256, help="caption scenes for the colours")
-  args = parser.parse_args()
+def main(argv: list[str]) -> None:
+  del argv
+  args = flags.FLAGS
   data = os.path.join(args.workdir, "data")
 
   models = Models.from_config(get_config())
-  images, mask_images = training_images(os.path.join(data, "train"))
+  images, mask_images = vae_training.training_images(os.path.join(data, "train"))
   start = time.time()
   params, losses = vae_training.train_vae(
     models.vae,
@@ -68,7 +71,7 @@ def main() -> None:
   captions = records.RecordReader(os.path.join(data, "gen"))
   n = min(args.scenes, len(captions))
   scenes = np.stack([records.decode_image(captions[i]) for i in range(n)])
-  round_trip = vae_round_trip(models, params, scenes)
+  round_trip = vae_training.round_trip(models.vae, params, scenes)
   scores = colours.colour_scores(
     round_trip, [captions[i]["text"] for i in range(n)], synthetic.COLORS
   )
@@ -80,7 +83,7 @@ def main() -> None:
   print(
     json.dumps(
       dict(
-        vars(args),
+        {name: args[name].value for name in FLAGS},
         train_seconds=round(seconds, 1),
         final_mse=float(np.mean(losses[-100:])),
         mask_iou=float(np.mean(inter / np.maximum(union, 1))),
@@ -93,4 +96,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-  main()
+  app.run(main)

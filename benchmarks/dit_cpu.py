@@ -9,13 +9,13 @@ forward pass of each, after warm-up, in fp32.
 
 from __future__ import annotations
 
-import argparse
 import os
 import tempfile
 
 import jax
 import numpy as np
 import torch
+from absl import app, flags
 
 from benchmarks.timing import median_seconds
 from configs.models import wan_dit
@@ -33,13 +33,15 @@ def reference_model(cfg):
   return model.eval()
 
 
-def main() -> None:
-  parser = argparse.ArgumentParser(description=__doc__)
-  parser.add_argument("--size", default="mid", help="DiT preset of configs/models.py")
-  parser.add_argument("--tokens", type=int, default=1024, help="noisy tokens (= condition tokens)")
-  parser.add_argument("--text_len", type=int, default=64)
-  parser.add_argument("--repeats", type=int, default=5)
-  args = parser.parse_args()
+flags.DEFINE_string("size", "mid", "DiT preset of configs/models.py")
+flags.DEFINE_integer("tokens", 1024, "noisy tokens (= condition tokens)")
+flags.DEFINE_integer("text_len", 64, "Text length in tokens.")
+flags.DEFINE_integer("repeats", 5, "Timed repetitions.")
+
+
+def main(argv: list[str]) -> None:
+  del argv
+  args = flags.FLAGS
 
   cfg = wan_dit(args.size)
   side = int(round(args.tokens**0.5))
@@ -89,4 +91,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-  main()
+  app.run(main)

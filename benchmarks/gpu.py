@@ -27,7 +27,6 @@ import os
 # Both frameworks share the device: JAX allocates on demand instead of taking 75% up front.
 os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
 
-import argparse  # noqa: E402
 import gc  # noqa: E402
 import math  # noqa: E402
 
@@ -36,31 +35,32 @@ import jax  # noqa: E402
 import ml_collections  # noqa: E402
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
+from absl import app, flags  # noqa: E402
 
 from benchmarks.timing import median_seconds  # noqa: E402
 from configs import models as model_configs  # noqa: E402
 from configs.genmask import get_config  # noqa: E402
 from genmask_jax.conversion.dit import diffusers_kwargs  # noqa: E402
-from genmask_jax.inference import model as inference
 from genmask_jax.models.dit import REMAT_POLICIES  # noqa: E402
 from genmask_jax.models.flops import train_step_flops  # noqa: E402
-from genmask_jax.models.genmask import Models, frozen_vae_params  # noqa: E402
+from genmask_jax.models.genmask import Models  # noqa: E402
 from genmask_jax.models.vae import spatial_stride  # noqa: E402
-from genmask_jax.runtime import sharding
+from genmask_jax.runs.model import frozen_vae_params, segmenter  # noqa: E402
+from genmask_jax.runtime import sharding  # noqa: E402
 from genmask_jax.training import train  # noqa: E402
 from genmask_jax.training.optimizer import make_optimizer  # noqa: E402
 
 PRESETS = {
   "1.3b": dict(
-    dit="1.3b", vae="wan2.1", resolution=512, text_len=512, train_batch=8,
+    dit="1.3b", resolution=512, text_len=512, train_batch=8,
     segment_batches=(1, 32), dtype="bfloat16", remat="full", repeats=5,
   ),
   "mid": dict(
-    dit="mid", vae="small", resolution=512, text_len=512, train_batch=1,
+    dit="mid", resolution=512, text_len=512, train_batch=1,
     segment_batches=(1, 4), dtype="float32", remat="none", repeats=2,
   ),
   "tiny": dict(
-    dit="tiny", vae="tiny", resolution=32, text_len=8, train_batch=2,
+    dit="tiny", resolution=32, text_len=8, train_batch=2,
     segment_batches=(1,), dtype="float32", remat="none", repeats=1,
   ),
 }  # fmt: skip
@@ -75,7 +75,6 @@ SEGMENT_KEYS = ("image", "text", "text_mask")
 
 def benchmark_config(preset: dict, attention: str) -> ml_collections.ConfigDict:
   config = get_config(preset["dit"])
-  config.vae = model_configs.wan_vae(preset["vae"])
   config.dit.update(dtype=preset["dtype"], remat_policy=preset["remat"], attention=attention)
   config.vae.dtype = preset["dtype"]
   config.data.text_len = preset["text_len"]
@@ -142,7 +141,7 @@ def jax_benchmark(config, preset: dict, data: dict) -> dict:
     fp32_params, fp32_vae = {"dit": holder[0].params["dit"]}, vae
     params = {"dit": inference_weights(holder[0].params["dit"], config.dit.dtype)}
     vae = inference_weights(vae, config.vae.dtype)
-    segment = inference.segmenter(models, config)
+    segment = segmenter(models, config)
     for b in preset["segment_batches"]:
       part = data["segmentation"]  # Its first b samples, repeated if b is larger.
       inputs = [jax.device_put(np.resize(part[k], (b, *part[k].shape[1:]))) for k in SEGMENT_KEYS]
@@ -151,7 +150,7 @@ def jax_benchmark(config, preset: dict, data: dict) -> dict:
     # The masks of the largest batch against the same model's in fp32 (weights and compute).
     config32 = config.copy_and_resolve_references()
     config32.dit.dtype = config32.vae.dtype = "float32"
-    segment32 = inference.segmenter(Models.from_config(config32), config32)
+    segment32 = segmenter(Models.from_config(config32), config32)
     ref = np.asarray(segment32(fp32_params, fp32_vae, *inputs) > 0)
     masks = np.asarray(segment(params, vae, *inputs) > 0)
     results["mask_iou_vs_fp32"] = (masks & ref).sum() / max((masks | ref).sum(), 1)
@@ -292,16 +291,18 @@ def report(ours: dict, theirs: dict, flops: int, peak: float | None, preset: dic
   return lines
 
 
-def main() -> None:
-  parser = argparse.ArgumentParser(description=__doc__)
-  size = parser.add_mutually_exclusive_group()
-  size.add_argument("--mid", action="store_true", help="mid-size models, fp32 (CPU figures)")
-  size.add_argument("--tiny", action="store_true", help="tiny models (CPU smoke test)")
-  parser.add_argument("--repeats", type=int, help="timed repetitions (default: the preset's)")
-  parser.add_argument("--peak_tflops", type=float, help="device peak for MFU (default: by name)")
-  parser.add_argument("--remat", choices=["none", *REMAT_POLICIES], help="(default: the preset's)")
-  parser.add_argument("--dtype", choices=["bfloat16", "float32"], help="(default: the preset's)")
-  args = parser.parse_args()
+flags.DEFINE_bool("mid", False, "mid-size models, fp32 (CPU figures)")
+flags.DEFINE_bool("tiny", False, "tiny models (CPU smoke test)")
+flags.DEFINE_integer("repeats", None, "timed repetitions (default: the preset's)")
+flags.DEFINE_float("peak_tflops", None, "device peak for MFU (default: by name)")
+flags.DEFINE_enum("remat", None, ["none", *REMAT_POLICIES], "(default: the preset's)")
+flags.DEFINE_enum("dtype", None, ["bfloat16", "float32"], "(default: the preset's)")
+flags.mark_bool_flags_as_mutual_exclusive(["mid", "tiny"])
+
+
+def main(argv: list[str]) -> None:
+  del argv
+  args = flags.FLAGS
 
   preset = dict(PRESETS["mid" if args.mid else "tiny" if args.tiny else "1.3b"])
   preset.update({k: getattr(args, k) for k in ("repeats", "remat", "dtype") if getattr(args, k)})
@@ -329,7 +330,8 @@ def main() -> None:
   print(f"device: {name} (torch {torch_device}, {torch.get_num_threads()} CPU threads)")
   print(
     f"DiT {preset['dit']} ({config.dit.num_layers} layers, dim {config.dit.dim}), VAE "
-    f"{preset['vae']}, {preset['resolution']}x{preset['resolution']}, text "
+    f"{model_configs.VAE_OF_DIT[preset['dit']]}, {preset['resolution']}x{preset['resolution']}, "
+    "text "
     f"{preset['text_len']}, {preset['dtype']}; ours: attention {config.dit.attention}, remat "
     f"{preset['remat']}; diffusers: SDPA"
     + (", gradient checkpointing" if preset["remat"] != "none" else "")
@@ -343,4 +345,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-  main()
+  app.run(main)

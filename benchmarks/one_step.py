@@ -3,7 +3,7 @@ each start time t, noise and number of Euler steps.
 
   python -m benchmarks.one_step --workdir=runs/demo/genmask [--split=heldout]
 
-Opens the run as `--mode=eval` does (its own config) and evaluates one split for every setting of
+Opens the run (`GenMask`, its own config) and evaluates one split for every setting of
 `config.segment` in the grid: t in --times, noise gaussian / zeros at one step, and --steps Euler
 steps from t = 1 with Gaussian noise. Prints one row per setting and writes them to
 `<workdir>/one_step.json`.
@@ -17,8 +17,7 @@ import time
 
 from absl import app, flags
 
-from genmask_jax.evaluation import evaluate
-from genmask_jax.inference import run
+from genmask_jax import GenMask
 from genmask_jax.runtime import fileio, log_filter
 
 _WORKDIR = flags.DEFINE_string("workdir", None, "A training run's workdir.", required=True)
@@ -38,23 +37,14 @@ def settings() -> list[dict]:
 def main(argv: list[str]) -> None:
   del argv
   log_filter.quiet_library_logs()
-  opened = run.open_run(_WORKDIR.value)
-  config = opened.config
-  splits = [s for s in config.eval.splits if s["name"] == _SPLIT.value]
-  if not splits:
-    names = [s["name"] for s in config.eval.splits]
-    raise app.UsageError(f"run {_WORKDIR.value} has no eval split {_SPLIT.value!r}: {names}")
+  model = GenMask.open(_WORKDIR.value)
   rows = []
   print(f"{'t':>5s} {'noise':>8s} {'steps':>5s} {'mIoU':>6s} {'oIoU':>6s} {'P@0.5':>6s} {'s':>5s}")
-  with opened.activate(), tempfile.TemporaryDirectory() as out:
+  with tempfile.TemporaryDirectory() as out:
     for setting in settings():
-      with config.unlocked():
-        config.segment.update(setting)
-        config.eval.splits = splits
+      model.config.segment.update(setting)  # Read by each evaluation's segmenter.
       start = time.time()
-      result = evaluate.evaluate_params(
-        opened.models, opened.params, opened.vae_params, config, opened.mesh, out
-      )[_SPLIT.value]
+      result = model.evaluate(_SPLIT.value, out_dir=out)[_SPLIT.value]
       row = dict(setting, **{k: result[k] for k in ("gIoU", "cIoU", "Prec@0.5")})
       row["seconds"] = time.time() - start
       rows.append(row)

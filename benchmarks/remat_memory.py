@@ -11,12 +11,12 @@ with --repeats > 0, the measured step time on this machine.
 
 from __future__ import annotations
 
-import argparse
 import time
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+from absl import app, flags
 
 from configs.models import wan_dit
 from genmask_jax.models.dit import REMAT_POLICIES, WanDiT
@@ -33,16 +33,18 @@ def loss_and_grad(cfg, policy: str):
   return jax.jit(jax.value_and_grad(loss))
 
 
-def main() -> None:
-  parser = argparse.ArgumentParser(description=__doc__)
-  parser.add_argument("--size", default="mid", help="DiT preset of configs/models.py")
-  parser.add_argument("--tokens", type=int, default=1024, help="noisy tokens (= condition tokens)")
-  parser.add_argument("--text_len", type=int, default=512)
-  parser.add_argument("--batch", type=int, default=2)
-  parser.add_argument("--dtype", default="bfloat16", help="compute dtype")
-  parser.add_argument("--attention", default="xla", help="attention kernel")
-  parser.add_argument("--repeats", type=int, default=3, help="timed steps; 0: compile only")
-  args = parser.parse_args()
+flags.DEFINE_string("size", "mid", "DiT preset of configs/models.py")
+flags.DEFINE_integer("tokens", 1024, "noisy tokens (= condition tokens)")
+flags.DEFINE_integer("text_len", 512, "Text length in tokens (padded).")
+flags.DEFINE_integer("batch", 2, "Batch size.")
+flags.DEFINE_string("dtype", "bfloat16", "compute dtype")
+flags.DEFINE_string("attention", "xla", "attention kernel")
+flags.DEFINE_integer("repeats", 3, "timed steps; 0: compile only")
+
+
+def main(argv: list[str]) -> None:
+  del argv
+  args = flags.FLAGS
 
   cfg = wan_dit(args.size)
   cfg.update(dtype=args.dtype, attention=args.attention)
@@ -87,4 +89,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-  main()
+  app.run(main)

@@ -13,19 +13,19 @@ loop time / step time: what the host side (data, metrics, checkpoint decisions) 
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import tempfile
 import time
+import types
 
 import numpy as np
-from absl import flags
+from absl import app, flags
 
 from benchmarks.data_pipeline import make_stores
 from benchmarks.demo_step import step_runner
 from configs.genmask import get_config
-from genmask_jax.data import records
+from genmask_jax.data import tasks
 from genmask_jax.runtime import fileio, log_filter
 from genmask_jax.training import train
 
@@ -37,25 +37,27 @@ def loop_seconds_per_step(config, workdir: str) -> float:
   return 1 / float(np.mean(rates))
 
 
-def main() -> None:
-  parser = argparse.ArgumentParser(description=__doc__)
-  parser.add_argument("--resolution", type=int, default=512)
-  parser.add_argument("--batch_size", type=int, default=4, help="Per task and step.")
-  parser.add_argument("--steps", type=int, default=30)
-  parser.add_argument("--log_every", type=int, default=5)
-  parser.add_argument("--num_samples", type=int, default=32, help="Per task.")
-  args = parser.parse_args()
+flags.DEFINE_integer("resolution", 512, "Image side in pixels.")
+flags.DEFINE_integer("batch_size", 4, "Per task and step.")
+flags.DEFINE_integer("steps", 30, "Timed train steps.")
+flags.DEFINE_integer("log_every", 5, "config.log_every of the loop.")
+flags.DEFINE_integer("num_samples", 32, "Per task.")
+
+
+def main(argv: list[str]) -> None:
+  del argv
+  args = flags.FLAGS
   flags.FLAGS.mark_as_parsed()  # grain workers read absl flags.
   log_filter.quiet_library_logs()
 
   config = get_config("tiny")
-  store_args = argparse.Namespace(
+  store_args = types.SimpleNamespace(
     num_samples=args.num_samples, model_id="bench", hidden=config.dit.text_dim, tokens=8,
     latents=False, resolution=args.resolution,
   )  # fmt: skip
   with tempfile.TemporaryDirectory() as root:
     config.data.update(encoder_model_id="bench", text_len=16, num_threads=4)
-    for task in records.TASKS:
+    for task in tasks.NAMES:
       config.data[task].update(
         sources=[make_stores(root, task, store_args)],
         resolution=args.resolution,
@@ -84,4 +86,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-  main()
+  app.run(main)

@@ -22,69 +22,49 @@ if "xla_force_host_platform_device_count" not in os.environ.get("XLA_FLAGS", "")
   ).strip()
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 
-import argparse  # noqa: E402
 import time  # noqa: E402
 
 import flax.linen as nn  # noqa: E402
 import jax  # noqa: E402
-import jax.numpy as jnp  # noqa: E402
+from absl import app, flags  # noqa: E402
 
 from configs.genmask import get_config  # noqa: E402
-from genmask_jax.data.pipeline import TEXT_DTYPES  # noqa: E402
+from genmask_jax.fit import steps  # noqa: E402
 from genmask_jax.models.genmask import Models  # noqa: E402
-from genmask_jax.runtime import sharding
+from genmask_jax.runtime import sharding  # noqa: E402
 from genmask_jax.training import train  # noqa: E402
 from genmask_jax.training.optimizer import make_optimizer  # noqa: E402
 
 GIB = 2**30
 
 
-def abstract_batch(config, mesh, batch: int, resolution: int) -> dict:
-  """The step's batch as ShapeDtypeStructs sharded like `train.device_batch`'s arrays."""
-  text_shape = (batch, config.data.text_len, config.dit.text_dim)
-  shapes = {
-    "image": ((batch, resolution, resolution, 3), jnp.float32),
-    "mask": ((batch, resolution, resolution), jnp.uint8),
-    "text": (text_shape, TEXT_DTYPES[config.data.text_dtype]),
-    "text_mask": (text_shape[:2], jnp.bool_),
-  }
-  keys = {"segmentation": train.SEGMENTATION_KEYS, "generation": train.GENERATION_KEYS}
-  return {
-    task: {
-      k: jax.ShapeDtypeStruct(
-        shapes[k][0], shapes[k][1], sharding=sharding.batch_sharding(mesh, len(shapes[k][0]))
-      )
-      for k in task_keys
-    }
-    for task, task_keys in keys.items()
-  }
-
-
 def compile_step(config, batch: int, resolution: int):
-  """(compiled step, seconds to lower and compile) for `config`."""
+  """(compiled step, seconds to lower and compile) for `config` with `batch` samples per task."""
   mesh, rules = sharding.make_mesh(config.mesh), sharding.rules(config.get("sharding"))
   models, optimizer = Models.from_config(config), make_optimizer(config.optimizer)
+  for task in ("segmentation", "generation"):
+    config.data[task].resolution = resolution
   with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
     state, state_shardings = train.abstract_train_state(models, config, optimizer, mesh, rules)
-    vae_boxed = jax.eval_shape(models.init_vae_params, jax.random.key(0))
-    vae, _ = sharding.abstract_with_shardings(vae_boxed, mesh, rules)
+    vae, _ = sharding.abstract_with_shardings(models.abstract_vae_params(), mesh, rules)
     step = train.compile_train_step(models, config, optimizer, state_shardings, mesh)
+    batches = steps.train_batch(config, mesh, {"segmentation": batch, "generation": batch})
     start = time.perf_counter()
-    compiled = step.lower(
-      state, vae, abstract_batch(config, mesh, batch, resolution), jax.random.key(0)
-    ).compile()
+    compiled = step.lower(state, vae, batches, steps.abstract_key(mesh)).compile()
   return compiled, time.perf_counter() - start
 
 
-def main() -> None:
-  parser = argparse.ArgumentParser(description=__doc__)
-  parser.add_argument("--size", default="1.3b", help="configs/genmask.py size")
-  parser.add_argument("--resolution", type=int, default=512)
-  parser.add_argument("--batch", type=int, default=8, help="global batch per task")
-  parser.add_argument("--data", type=int, default=1, help="mesh data axis; fsdp takes the rest")
-  parser.add_argument("--dtype", default="bfloat16", help="DiT compute dtype")
-  parser.add_argument("--policies", default="none,full", help="comma-separated remat policies")
-  args = parser.parse_args()
+flags.DEFINE_string("size", "1.3b", "configs/genmask.py size")
+flags.DEFINE_integer("resolution", 512, "Image side in pixels.")
+flags.DEFINE_integer("batch", 8, "global batch per task")
+flags.DEFINE_integer("data", 1, "mesh data axis; fsdp takes the rest")
+flags.DEFINE_string("dtype", "bfloat16", "DiT compute dtype")
+flags.DEFINE_string("policies", "none,full", "comma-separated remat policies")
+
+
+def main(argv: list[str]) -> None:
+  del argv
+  args = flags.FLAGS
 
   config = get_config(args.size)
   config.mesh = dict(data=args.data, fsdp=-1, tensor=1)
@@ -119,4 +99,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-  main()
+  app.run(main)

@@ -9,7 +9,6 @@ after warm-up) in fp32.
 
 from __future__ import annotations
 
-import argparse
 import functools
 import os
 import tempfile
@@ -17,20 +16,22 @@ import tempfile
 import jax
 import numpy as np
 import torch
+from absl import app, flags
 
 from benchmarks.timing import median_seconds
 from configs.models import wan_vae
 from genmask_jax.conversion.vae import convert_vae_file
 from genmask_jax.models.vae import LATENTS_MEAN, LATENTS_STD, WanVAE
 
+flags.DEFINE_integer("base_dim", 96, "96 is WAN-2.1's VAE")
+flags.DEFINE_integer("size", 256, "image side in pixels")
+flags.DEFINE_integer("batch", 1, "Batch size.")
+flags.DEFINE_integer("repeats", 3, "Timed repetitions.")
 
-def main() -> None:
-  parser = argparse.ArgumentParser(description=__doc__)
-  parser.add_argument("--base_dim", type=int, default=96, help="96 is WAN-2.1's VAE")
-  parser.add_argument("--size", type=int, default=256, help="image side in pixels")
-  parser.add_argument("--batch", type=int, default=1)
-  parser.add_argument("--repeats", type=int, default=3)
-  args = parser.parse_args()
+
+def main(argv: list[str]) -> None:
+  del argv
+  args = flags.FLAGS
 
   import diffusers
 
@@ -88,4 +89,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-  main()
+  app.run(main)

@@ -6,7 +6,7 @@ r"""The offline Qwen2.5-VL stage on one device: samples/s, image tokens, bytes p
 
 The model is Qwen2.5-VL-7B-Instruct's architecture (`tiny_qwen.qwen25_vl_7b_config`, 8.3B
 parameters) with random weights in the compute dtype and the tiny tokenizer: nothing is
-downloaded. The work is the real stage, `launch/precompute_vlm.precompute`: a sample store of
+downloaded. The work is the real stage, `genmask_jax/vlm/encode.precompute`: a sample store of
 synthetic 640x480 JPEG images with RefCOCO-length expressions (2-9 words, mean ~5: RefCOCO and
 RefCOCO+ average ~3.5, RefCOCOg ~8.4) is decoded, run through the processor (images resized to
 at most --max_pixels) and the model, and written as a feature store. Each batch size is timed on
@@ -20,7 +20,6 @@ model. The tiny tokenizer splits these expressions into whole words, as Qwen's d
 
 from __future__ import annotations
 
-import argparse
 import io
 import os
 import tempfile
@@ -28,12 +27,12 @@ import time
 
 import numpy as np
 import torch
+from absl import app, flags
 from PIL import Image
 
 from genmask_jax.data import records
 from genmask_jax.data.features import FeatureMeta, FeatureWriter, StoreLayout
 from genmask_jax.vlm import encode, image_policy, prompts, tiny_qwen
-from launch import precompute_vlm
 
 IMAGE_SIZE = (480, 640)  # (height, width): COCO's most common size.
 _COLORS = ("red", "white", "black", "blue", "green", "brown", "gray", "yellow")
@@ -100,7 +99,7 @@ def kept_tokens(processor, samples: records.RecordReader, max_pixels: int) -> li
     text = processor.tokenizer.apply_chat_template(
       messages, tokenize=False, add_generation_prompt=True
     )
-    image = precompute_vlm._image(sample)
+    image = encode.sample_image(sample)
     inputs = processor(text=[text], images=[image], max_pixels=max_pixels)
     counts.append(len(inputs["input_ids"][0]) - prefix)
   return counts
@@ -142,7 +141,7 @@ def time_batch_size(model, processor, samples, batch_size: int, max_pixels: int,
     writer = FeatureWriter(out, meta, StoreLayout(count, 1, count), 0)
     items = [samples[i] for i in range(count)]
     start = time.perf_counter()
-    precompute_vlm.precompute(model, processor, items, writer, batch_size)
+    encode.precompute(model, processor, items, writer, batch_size)
     return time.perf_counter() - start
 
   run(os.path.join(root, f"warmup-{batch_size}"), batch_size)
@@ -150,18 +149,18 @@ def time_batch_size(model, processor, samples, batch_size: int, max_pixels: int,
   return run(out, len(samples)), out
 
 
-def main() -> None:
-  parser = argparse.ArgumentParser(
-    description=__doc__, formatter_class=argparse.RawTextHelpFormatter
-  )
-  mode = parser.add_mutually_exclusive_group()
-  mode.add_argument("--tiny", action="store_true", help="the tiny Qwen2.5-VL (CPU, CI)")
-  mode.add_argument("--analytic", action="store_true", help="7B sizes only, no model")
-  parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-  parser.add_argument("--batch_sizes", help="comma-separated (default: the preset's)")
-  parser.add_argument("--samples", type=int, help="samples per batch size (default: preset's)")
-  parser.add_argument("--max_pixels", type=int, default=512 * 512, help="as precompute_vlm's")
-  args = parser.parse_args()
+flags.DEFINE_bool("tiny", False, "the tiny Qwen2.5-VL (CPU, CI)")
+flags.DEFINE_bool("analytic", False, "7B sizes only, no model")
+flags.DEFINE_string("device", "cuda" if torch.cuda.is_available() else "cpu", "torch device.")
+flags.DEFINE_string("batch_sizes", None, "comma-separated (default: the preset's)")
+flags.DEFINE_integer("samples", None, "samples per batch size (default: preset's)")
+flags.DEFINE_integer("max_pixels", 512 * 512, "as precompute_vlm's")
+flags.mark_bool_flags_as_mutual_exclusive(["tiny", "analytic"])
+
+
+def main(argv: list[str]) -> None:
+  del argv
+  args = flags.FLAGS
   preset = PRESETS["tiny" if args.tiny else "7b"]
   count = args.samples or preset["samples"]
   batch_sizes = [int(b) for b in args.batch_sizes.split(",")] if args.batch_sizes else []
@@ -199,4 +198,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-  main()
+  app.run(main)

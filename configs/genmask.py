@@ -25,7 +25,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   config = ml_collections.ConfigDict()
   config.seed = 0  # Initialization, noise and (config.data.seed) data order.
   config.dit = models.wan_dit(size)
-  config.vae = models.wan_vae("wan2.1" if size in ("1.3b", "14b", "mid") else size)
+  config.vae = models.wan_vae(models.VAE_OF_DIT[size])
   # Folders written by launch/convert_wan.py; empty: random initialization.
   config.init = dict(weights="", vae_weights="")
 

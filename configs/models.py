@@ -24,7 +24,7 @@ _DIT_SIZES = {
   "1.3b": {},
   # WAN-2.1 T2V-14B.
   "14b": dict(dim=5120, ffn_dim=13824, num_heads=40, num_layers=40),
-  # The CPU benchmark size of the foundation issue.
+  # CPU benchmarks (benchmarks/dit_cpu.py, gpu.py --mid).
   "mid": dict(dim=512, ffn_dim=1536, num_heads=4, num_layers=8, freq_dim=256, text_dim=512),
   # Demo and integration tests.
   "small": dict(dim=128, ffn_dim=256, num_heads=2, num_layers=4, freq_dim=64, text_dim=64),
@@ -61,6 +61,8 @@ def wan_dit(size: str = "1.3b") -> ml_collections.ConfigDict:
 
 # The WAN-2.1 VAE; only base_dim changes between sizes.
 _VAE_BASE_DIM = {"wan2.1": 96, "small": 16, "tiny": 8}
+# The VAE each DiT size is paired with (configs/genmask.py:SIZE, benchmarks/gpu.py).
+VAE_OF_DIT = {"1.3b": "wan2.1", "14b": "wan2.1", "mid": "small", "small": "small", "tiny": "tiny"}
 
 
 def wan_vae(size: str = "wan2.1") -> ml_collections.ConfigDict:

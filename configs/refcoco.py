@@ -2,7 +2,7 @@
 
 SIZE: 1.3b (the paper's recipe, configs/genmask.py) | 14b (the same on WAN-2.1 14B) | trial
 (seconds per step on a CPU, with the tiny Qwen2.5-VL that
-`python -m genmask_jax.vlm.tiny_qwen --out=tiny_qwen` builds).
+`python -m launch.tiny_qwen --out=tiny_qwen` builds).
 OPTIONs:
   root=PATH  the stores and the converted weights live under PATH (a folder or gs://bucket/dir)
              instead of the working directory, e.g. configs/refcoco.py:1.3b,root=gs://b/genmask;

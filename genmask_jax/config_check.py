@@ -19,8 +19,8 @@ import math
 import jax
 import ml_collections
 
+from genmask_jax.data import tasks
 from genmask_jax.data.features import FeatureReader
-from genmask_jax.diffusion import tasks
 from genmask_jax.models.vae import spatial_stride
 from genmask_jax.runtime import sharding
 

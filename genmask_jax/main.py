@@ -4,10 +4,9 @@ r"""Entry point: training and evaluation.
       [--config.optimizer.lr=3e-5 ...] [--mode=train|eval]
   python -m genmask_jax.main --mode=eval --workdir=runs/genmask [--config.eval.splits=...]
 
-Evaluation takes the run's own config by default (genmask_jax/inference/run.py): --workdir is
-enough;
---config and --config.x=y overrides apply on top, and a change to a field that shapes the
-model is refused.
+Evaluation opens the run as `GenMask` does (genmask_jax/inference/genmask.py): its own config,
+so --workdir is enough; --config and --config.x=y overrides apply on top, and a change to a
+field that shapes the model is refused.
 
 On a TPU pod or a SLURM allocation start the same command on every host; `jax.distributed`
 is set up from the environment (or from --coordinator_address/--num_processes/--process_id).
@@ -17,15 +16,13 @@ a restarted job loads them instead of compiling again.
 
 from __future__ import annotations
 
-import os
-
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from genmask_jax import config_check
-from genmask_jax.inference import run
+from genmask_jax import GenMask, config_check
 from genmask_jax.runtime import compile_cache, distributed, log_filter
 from genmask_jax.training import preemption
+from launch import run_flags
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Config file.", lock_config=True)
 _WORKDIR = flags.DEFINE_string("workdir", None, "Checkpoints, logs and results.", required=True)
@@ -36,7 +33,7 @@ _PROCESS_ID = flags.DEFINE_integer("process_id", None, "This process's index.")
 
 
 def main(argv: list[str]) -> None:
-  overrides = run.overrides_of(argv)
+  overrides = run_flags.overrides_of(argv)
   if _MODE.value == "train" and _CONFIG.value is None:
     raise app.UsageError("--mode=train needs --config")
   log_filter.quiet_library_logs()
@@ -50,12 +47,8 @@ def main(argv: list[str]) -> None:
     preemption.install()  # Before the restore and the compilation, which can take minutes.
     train.train(_CONFIG.value, _WORKDIR.value)
   else:
-    from genmask_jax.evaluation import evaluate
-
-    spec = run.resolve(_WORKDIR.value, overrides, _CONFIG.value)
-    config_check.validate(spec.config, "eval")
-    evaluate.evaluate_run(run.load(spec), os.path.join(_WORKDIR.value, "eval"))
+    GenMask.open(_WORKDIR.value, overrides=overrides, config=_CONFIG.value).evaluate()
 
 
 if __name__ == "__main__":
-  app.run(main, flags_parser=run.parse_flags)
+  app.run(main, flags_parser=run_flags.parse_flags)

@@ -4,7 +4,8 @@ r"""Encodes training sample stores with the frozen VAE into latent stores (JAX, 
       --config.init.vae_weights=weights/wan21 --num_workers=8 --worker_index=0
 
 Every source of data.segmentation and data.generation that names a "latents" directory is
-encoded there at its task's resolution (genmask_jax/data/latents.py), unless already complete.
+encoded there at its task's resolution (genmask_jax/training/precompute_latents.py), unless
+already complete.
 Training then reads those latents instead of running the VAE encoder in every step, and refuses
 a store that another VAE or VAE config encoded. Worker i of n encodes the i-th contiguous slice
 of each sample store; re-running the same command skips the shards already written.
@@ -25,10 +26,10 @@ from ml_collections import config_flags
 
 from genmask_jax import config_check
 from genmask_jax.data import latents
-from genmask_jax.data.encode_latents import precompute
-from genmask_jax.data.records import TASKS, RecordReader
+from genmask_jax.data.records import RecordReader
 from genmask_jax.data.store import StoreLayout
 from genmask_jax.runtime import log_filter
+from genmask_jax.training.precompute_latents import precompute
 from launch import fanout
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Training config.", lock_config=True)
@@ -43,10 +44,9 @@ flags.adopt_module_key_flags(fanout)  # --help lists --gpus and its flags too.
 def fan_out(config: ml_collections.ConfigDict) -> None:
   """Runs this node's workers, one per device of --gpus (launch/fanout.py)."""
   devices, num_workers, indices = fanout.plan(_FANOUT)
-  sources = [s for t in TASKS for s in config.data[t].sources if s.get("latents")]
   layouts = {
     s["latents"]: StoreLayout(len(RecordReader(s["records"])), num_workers, latents.SHARD_SIZE)
-    for s in sources
+    for _, s in latents.latent_sources(config.data)
   }
   argv = [sys.executable, "-m", "launch.precompute_latents", *fanout.forwarded_argv(sys.argv[1:])]
   workers = [fanout.Worker(w, num_workers, d, argv) for w, d in zip(indices, devices, strict=True)]

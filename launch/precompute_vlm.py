@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import os
 import sys
-from collections.abc import Sequence
 
 from absl import app, flags, logging
 
@@ -63,33 +62,6 @@ _FANOUT = fanout.define_flags()
 flags.adopt_module_key_flags(fanout)  # --help lists --gpus and its flags too.
 
 
-_image = encode.sample_image  # A record's image as the VLM sees it (tests, benchmarks).
-
-
-def precompute(
-  model,
-  processor,
-  samples: Sequence[dict],
-  writer: FeatureWriter,
-  batch_size: int,
-  **encode_kwargs,
-) -> bool:
-  """Writes this worker's pending shards; returns whether the whole store is now complete.
-
-  Images go through the image policy the store's metadata records. Batches never cross shard
-  boundaries, so a resumed run computes exactly what an uninterrupted one would have.
-  """
-  policy = image_policy.from_record(writer.meta.image_policy)
-  for shard, start, stop in writer.pending_shards():
-    items = []
-    for b in range(start, stop, batch_size):
-      batch = [samples[i] for i in range(b, min(b + batch_size, stop))]
-      items += encode.encode_samples(model, processor, batch, policy=policy, **encode_kwargs)
-    writer.write_shard(shard, items)
-    logging.info("%s: wrote shard %d (samples %d..%d)", writer.path, shard, start, stop - 1)
-  return writer.finalize()
-
-
 def precompute_store(model, processor, samples_dir: str, out_dir: str) -> None:
   """This worker's share of one sample store, and its part of the feature store."""
   samples = RecordReader(samples_dir)
@@ -102,7 +74,7 @@ def precompute_store(model, processor, samples_dir: str, out_dir: str) -> None:
   )
   layout = StoreLayout(len(samples), _NUM_WORKERS.value, _SHARD_SIZE.value)
   writer = FeatureWriter(out_dir, meta, layout, _WORKER_INDEX.value)
-  done = precompute(
+  done = encode.precompute(
     model,
     processor,
     samples,

@@ -77,7 +77,7 @@ def _refcoco(args) -> tuple[Iterable, int]:
     image_dir = args.image_dir
   else:
     refs, images = refcoco.tfds_json_refs(args.json, args.dataset, args.split_by)
-    image_dir = args.image_dir or os.path.join(os.path.dirname(args.json), "coco_train2014")
+    image_dir = args.image_dir or refcoco.tfds_json_image_dir(args.json)
   total = sum(len(r["sentences"]) for r in refs)
   samples = refcoco.samples_from_refs(
     refs, images, image_dir, args.dataset, args.split_by, args.text_field
@@ -94,27 +94,12 @@ def _refcoco_tfds(args) -> tuple[Iterable, None]:
 
 
 def _ade20k(args) -> tuple[Iterable, None]:
-  names = semseg.ade20k_class_names(os.path.join(args.root, "objectInfo150.txt"))
-
-  def samples():
-    for split in args.splits:
-      files = semseg.paired_files(
-        os.path.join(args.root, "images", split), os.path.join(args.root, "annotations", split)
-      )
-      yield from _with_split(
-        split,
-        semseg.label_map_samples(
-          "ade20k",
-          split,
-          files,
-          semseg.ade20k_classes,
-          names,
-          classes_per_image=args.classes_per_image,
-          seed=args.seed,
-        ),
-      )
-
-  return samples(), None
+  per_image = dict(classes_per_image=args.classes_per_image, seed=args.seed)
+  return (
+    (split, sample)
+    for split in args.splits
+    for sample in semseg.ade20k_samples(args.root, split, **per_image)
+  ), None
 
 
 def _cocostuff(args) -> tuple[Iterable, None]:
@@ -143,27 +128,23 @@ def _pascal_part(args) -> tuple[Iterable, None]:
   return _with_split(args.split, samples), None
 
 
-REASONSEG_SPLITS = ("train", "val", "test")
-
-
 def _reasonseg(args) -> tuple[Iterable, None]:
   def folder(split: str) -> str:
     return os.path.join(args.root, split)
 
-  splits = args.splits or [s for s in REASONSEG_SPLITS if os.path.isdir(folder(s))]
-  for split in args.splits or REASONSEG_SPLITS:
+  splits = args.splits or [s for s in reasonseg.SPLITS if os.path.isdir(folder(s))]
+  for split in args.splits or reasonseg.SPLITS:
     if not os.path.isdir(folder(split)):
       if args.splits:  # Asked for by name: an error, not a skip.
         raise SystemExit(f"--splits: no folder {folder(split)}")
       print(f"skipping split {split!r}: {folder(split)} does not exist")
   if not splits:
-    raise SystemExit(f"--root={args.root}: none of the folders {list(REASONSEG_SPLITS)} exists")
+    raise SystemExit(f"--root={args.root}: none of the folders {list(reasonseg.SPLITS)} exists")
 
   def samples():
     for split in splits:
-      texts = args.texts or ("all" if split == "train" else "first")
-      split_dir = os.path.join(args.root, split)
-      yield from _with_split(split, reasonseg.reasonseg_samples(split_dir, split, texts))
+      texts = args.texts or reasonseg.default_texts(split)
+      yield from _with_split(split, reasonseg.reasonseg_samples(folder(split), split, texts))
 
   return samples(), None
 

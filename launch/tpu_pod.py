@@ -31,51 +31,23 @@ import os
 import shlex
 import subprocess
 import sys
-import tempfile
 import time
 from collections.abc import Sequence
 
 from absl import flags
 
-from launch import commands
+from launch import commands, tpu_supervisor, tpu_vm
+from launch.tpu_vm import (
+  create_command,
+  delete_command,
+  describe_command,
+  install,
+  runtime_version,
+  ssh_command,
+)
 
-JAX_TPU = "jax[tpu]==0.10.2"
-REMOTE_DIR = "genmask-jax"  # Relative to the worker's home, where ssh commands start.
-REMOTE_LOG = "genmask-jax-train.log"
-REMOTE_TARBALL = "genmask-jax.tar.gz"
-SOURCE_EXCLUDES = (".git", ".venv", "__pycache__", ".pytest_cache", ".ruff_cache")
-# The software version Cloud TPU documents for JAX, by accelerator family.
-RUNTIME_VERSIONS = {
-  "v6e": "v2-alpha-tpuv6e",
-  "v5p": "v2-alpha-tpuv5",
-  "v5litepod": "v2-alpha-tpuv5-lite",
-  "v4": "tpu-ubuntu2204-base",
-  "v3": "tpu-ubuntu2204-base",
-  "v2": "tpu-ubuntu2204-base",
-}
 _QUEUED_FAILED = ("FAILED", "SUSPENDING", "SUSPENDED", "DELETING")
 ACTIONS = ("run", "supervise", "status", "create", "install", "train", "delete", "logs")
-# Read-only data that never changes while mounted: cache metadata and listings forever (the
-# flags the large JAX codebases mount ArrayRecord data sets with).
-GCSFUSE_FLAGS = (
-  "-o",
-  "ro",
-  "--implicit-dirs",
-  "--type-cache-max-size-mb=-1",
-  "--stat-cache-max-size-mb=-1",
-  "--metadata-cache-ttl-secs=-1",
-  "--kernel-list-cache-ttl-secs=-1",
-)
-GCSFUSE_APT = (  # Google's apt repository for gcsfuse, as its install guide sets it up.
-  'echo "deb [signed-by=/usr/share/keyrings/cloud.google.asc]'
-  ' https://packages.cloud.google.com/apt gcsfuse-$(lsb_release -c -s) main"'
-  " | sudo tee /etc/apt/sources.list.d/gcsfuse.list > /dev/null"
-  " && curl -fsSL https://packages.cloud.google.com/apt/doc/apt-key.gpg"
-  " | sudo tee /usr/share/keyrings/cloud.google.asc > /dev/null"
-  " && sudo apt-get -o DPkg::Lock::Timeout=600 update -qq"
-  " && sudo apt-get -o DPkg::Lock::Timeout=600 install -y -qq gcsfuse"
-)
-
 # This launcher's own flags (not absl's global FLAGS): tests run main() again in one process,
 # beside other launchers with flags of the same names.
 FLAGS = flags.FlagValues()
@@ -133,62 +105,6 @@ define.bool(
 define.bool("dry_run", help="Print the commands, run none (the compile check still runs).")
 
 
-def _gcloud(args: commands.Flags, group: str, verb: str, *rest: str) -> list[str]:
-  where = [f"--zone={args.zone}"] + ([f"--project={args.project}"] if args.project else [])
-  return ["gcloud", "compute", "tpus", group, verb, *rest, *where]
-
-
-def runtime_version(args: commands.Flags) -> str:
-  if args.runtime_version:
-    return args.runtime_version
-  family = args.accelerator_type.rpartition("-")[0]
-  if family not in RUNTIME_VERSIONS:
-    raise ValueError(
-      f"--accelerator_type={args.accelerator_type}: no default runtime for {family!r} "
-      f"(known: {sorted(RUNTIME_VERSIONS)}); pass --runtime_version"
-    )
-  return RUNTIME_VERSIONS[family]
-
-
-def create_command(args: commands.Flags) -> list[str]:
-  spot = ["--spot"] if args.spot else []
-  accelerator = f"--accelerator-type={args.accelerator_type}"
-  if args.queued:
-    return _gcloud(
-      args,
-      "queued-resources",
-      "create",
-      args.name,
-      f"--node-id={args.name}",
-      accelerator,
-      f"--runtime-version={runtime_version(args)}",
-      *spot,
-    )
-  return _gcloud(
-    args, "tpu-vm", "create", args.name, accelerator, f"--version={runtime_version(args)}", *spot
-  )
-
-
-def describe_command(args: commands.Flags) -> list[str]:
-  return _gcloud(args, "queued-resources", "describe", args.name, "--format=value(state.state)")
-
-
-def delete_command(args: commands.Flags) -> list[str]:
-  if args.queued:  # --force deletes the node too.
-    return _gcloud(args, "queued-resources", "delete", args.name, "--force", "--quiet")
-  return _gcloud(args, "tpu-vm", "delete", args.name, "--quiet")
-
-
-def ssh_command(
-  args: commands.Flags, worker: str, remote: str, log_dir: str | None = None
-) -> list[str]:
-  """`remote` runs in the worker's login shell; with log_dir, worker N's output goes to N.log."""
-  logs = [f"--output-directory={log_dir}"] if log_dir else []
-  return _gcloud(args, "tpu-vm", "ssh", args.name, f"--worker={worker}", *logs) + [
-    f"--command={remote}"
-  ]
-
-
 def compile_command(args: commands.Flags) -> list[str]:
   """launch/compile.py for the job: its train and segmentation (evaluation) steps on the slice."""
   overrides = commands.assignments(args.config_overrides, "--config_overrides", commands.CONFIG_KEY)
@@ -220,65 +136,13 @@ def check_compiles(shell: commands.Shell, args: commands.Flags) -> None:
     raise SystemExit(1) from None
 
 
-def _and(*steps: Sequence[str]) -> str:
-  return " && ".join(shlex.join(step) for step in steps)
-
-
-def local_tarball(args: commands.Flags) -> str:
-  return os.path.join(tempfile.gettempdir(), f"{args.name}-{REMOTE_TARBALL}")
-
-
-def upload_commands(args: commands.Flags) -> list[list[str]]:
-  """Packs --source_dir and copies it to every worker; nothing to do for --repo."""
-  if args.repo:
-    return []
-  tarball = local_tarball(args)
-  excludes = [f"--exclude={pattern}" for pattern in (*SOURCE_EXCLUDES, *args.exclude)]
-  return [
-    ["tar", "-czf", tarball, *excludes, "-C", args.source_dir, "."],
-    _gcloud(args, "tpu-vm", "scp", tarball, f"{args.name}:{REMOTE_TARBALL}", "--worker=all"),
-  ]
-
-
-def install_command(args: commands.Flags) -> list[str]:
-  if args.repo:
-    checkout = [["git", "-C", REMOTE_DIR, "checkout", "--quiet", args.ref]] if args.ref else []
-    source = [["git", "clone", "--quiet", args.repo, REMOTE_DIR], *checkout]
-  else:
-    source = [["mkdir", REMOTE_DIR], ["tar", "-xzf", REMOTE_TARBALL, "-C", REMOTE_DIR]]
-  python = f"{REMOTE_DIR}/.venv/bin/python"
-  remote = _and(
-    ["rm", "-rf", REMOTE_DIR],
-    *source,
-    ["python3", "-m", "pip", "install", "--user", "--quiet", "uv"],
-    ["python3", "-m", "uv", "venv", f"--python={args.python_version}", f"{REMOTE_DIR}/.venv"],
-    ["python3", "-m", "uv", "pip", "install", f"--python={python}"]
-    + ["-r", f"{REMOTE_DIR}/{args.requirements}", JAX_TPU],
-  )
-  return ssh_command(args, "all", remote)
-
-
-def mount_command(args: commands.Flags) -> list[str]:
-  """Installs gcsfuse (unless present) and mounts --mount_bucket read-only on every worker."""
-  point = shlex.quote(args.mount_point)
-  cache = []
-  if args.mount_cache_dir:  # gcsfuse's file cache only exists with a cache folder.
-    cache = [f"--cache-dir={args.mount_cache_dir}", "--file-cache-max-size-mb=-1"]
-  mount = shlex.join(["gcsfuse", *GCSFUSE_FLAGS, *cache, args.mount_bucket, args.mount_point])
-  remote = (
-    f"{{ command -v gcsfuse > /dev/null || {{ {GCSFUSE_APT}; }}; }}"
-    f" && mkdir -p {point} && {{ mountpoint -q {point} || {mount}; }}"
-  )
-  return ssh_command(args, "all", remote)
-
-
 def train_command(args: commands.Flags) -> list[str]:
   env = commands.assignments(args.env, "--env", commands.ENV_NAME)
-  setup = _and(["cd", REMOTE_DIR], *(["export", f"{k}={v}"] for k, v in env))
+  setup = tpu_vm.and_steps(["cd", tpu_vm.REMOTE_DIR], *(["export", f"{k}={v}"] for k, v in env))
   train = shlex.join(
     commands.train_command(".venv/bin/python", args.config, args.workdir, args.config_overrides)
   )
-  log = shlex.quote(f"../{REMOTE_LOG}")
+  log = shlex.quote(f"../{tpu_vm.REMOTE_LOG}")
   if args.detach:  # The subshell returns at once, so ssh does not wait for training.
     remote = f"{setup} && (nohup {train} > {log} 2>&1 < /dev/null &)"
   else:
@@ -287,7 +151,7 @@ def train_command(args: commands.Flags) -> list[str]:
 
 
 def logs_command(args: commands.Flags) -> list[str]:
-  follow = shlex.join(["tail", "-n", "+1", "-F", REMOTE_LOG])
+  follow = shlex.join(["tail", "-n", "+1", "-F", tpu_vm.REMOTE_LOG])
   return ssh_command(args, args.worker, follow, args.log_dir)
 
 
@@ -311,14 +175,6 @@ def _create(shell: commands.Shell, args: commands.Flags) -> None:
   _wait_until_ready(shell, args)
 
 
-def _install(shell: commands.Shell, args: commands.Flags) -> None:
-  for cmd in upload_commands(args):
-    shell.run(cmd)
-  shell.run(install_command(args))
-  if args.mount_bucket:
-    shell.run(mount_command(args))
-
-
 def _with_log_dir(shell: commands.Shell, args: commands.Flags, cmd: list[str]) -> None:
   if args.log_dir:  # gcloud requires the folder to exist.
     shell.makedirs(args.log_dir)
@@ -329,7 +185,7 @@ def _run(shell: commands.Shell, args: commands.Flags) -> None:
   shell.run(create_command(args))
   try:  # From here on the TPU exists: delete it whatever happens, unless told to keep it.
     _wait_until_ready(shell, args)
-    _install(shell, args)
+    install(shell, args)
     _with_log_dir(shell, args, train_command(args))
   finally:
     if args.keep:
@@ -385,13 +241,11 @@ def main(argv: Sequence[str] | None = None) -> None:
   if args.action == "run":
     _run(shell, args)
   elif args.action in ("supervise", "status"):
-    from launch import tpu_supervisor  # It builds on this module's commands.
-
     getattr(tpu_supervisor, args.action)(shell, args)
   elif args.action == "create":
     _create(shell, args)
   elif args.action == "install":
-    _install(shell, args)
+    install(shell, args)
   elif args.action == "train":
     _with_log_dir(shell, args, train_command(args))
   elif args.action == "logs":

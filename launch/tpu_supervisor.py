@@ -28,7 +28,7 @@ import sys
 import time
 
 from genmask_jax.runtime import fileio
-from launch import commands, tpu_pod
+from launch import commands, tpu_vm
 
 STATE_FILE = "supervisor.json"
 REMOTE_PID = "genmask-jax-train.pid"
@@ -50,18 +50,18 @@ def state_path(workdir: str) -> str:
 def start_command(args: commands.Flags) -> list[str]:
   """Starts training detached on every worker; the worker keeps its pid and exit status."""
   env = commands.assignments(args.env, "--env", commands.ENV_NAME)
-  setup = tpu_pod._and(["cd", tpu_pod.REMOTE_DIR], *(["export", f"{k}={v}"] for k, v in env))
+  setup = tpu_vm.and_steps(["cd", tpu_vm.REMOTE_DIR], *(["export", f"{k}={v}"] for k, v in env))
   train = shlex.join(
     commands.train_command(".venv/bin/python", args.config, args.workdir, args.config_overrides)
   )
-  pid, status, log = (shlex.quote(f"../{f}") for f in (REMOTE_PID, REMOTE_EXIT, tpu_pod.REMOTE_LOG))
+  pid, status, log = (shlex.quote(f"../{f}") for f in (REMOTE_PID, REMOTE_EXIT, tpu_vm.REMOTE_LOG))
   # `wait` hands back training's own exit status (143 after an unhandled SIGTERM).
   inner = f"{train} & echo $! > {pid}; wait $!; echo $? > {status}"
   remote = (
     f"{setup} && rm -f {pid} {status}"
     f" && (nohup sh -c {shlex.quote(inner)} > {log} 2>&1 < /dev/null &)"
   )
-  return tpu_pod.ssh_command(args, "all", remote)
+  return tpu_vm.ssh_command(args, "all", remote)
 
 
 def probe_command(args: commands.Flags) -> list[str]:
@@ -72,13 +72,13 @@ def probe_command(args: commands.Flags) -> list[str]:
     f'elif [ -e {pid} ] && kill -0 "$(cat {pid})" 2>/dev/null; then echo "{PROBE_TAG} running"; '
     f'else echo "{PROBE_TAG} absent"; fi'
   )
-  return tpu_pod.ssh_command(args, "all", remote)
+  return tpu_vm.ssh_command(args, "all", remote)
 
 
 def slice_state_command(args: commands.Flags) -> list[str]:
   if args.queued:
-    return tpu_pod.describe_command(args)
-  return tpu_pod._gcloud(args, "tpu-vm", "describe", args.name, "--format=value(state)")
+    return tpu_vm.describe_command(args)
+  return tpu_vm.gcloud(args, "tpu-vm", "describe", args.name, "--format=value(state)")
 
 
 def read_progress(workdir: str) -> dict:
@@ -191,10 +191,10 @@ class Supervisor:
     try:
       if delete_first:  # Whatever is left of the previous slice.
         self.delete_slice()
-      self.shell.run(tpu_pod.create_command(self.args))
+      self.shell.run(tpu_vm.create_command(self.args))
       if (state := self.wait_until_ready()) is not None:
         return f"the slice became {state} before it was ready"
-      tpu_pod._install(self.shell, self.args)
+      tpu_vm.install(self.shell, self.args)
       self.shell.run(start_command(self.args))
     except subprocess.CalledProcessError as e:
       return f"bringing the slice up failed: {shlex.join(e.cmd)} exited {e.returncode}"
@@ -282,7 +282,7 @@ class Supervisor:
 
   def delete_slice(self) -> None:
     try:
-      self.shell.run(tpu_pod.delete_command(self.args))
+      self.shell.run(tpu_vm.delete_command(self.args))
     except subprocess.CalledProcessError:
       pass  # Already gone: preempted spot nodes may be deleted for us.
 
@@ -307,7 +307,7 @@ class Supervisor:
 
   def release_slice(self) -> None:
     if self.args.keep:
-      self.shell.note(f"kept {self.args.name}: {shlex.join(tpu_pod.delete_command(self.args))}")
+      self.shell.note(f"kept {self.args.name}: {shlex.join(tpu_vm.delete_command(self.args))}")
     else:
       self.delete_slice()
 
@@ -326,11 +326,11 @@ def dry_run(shell: commands.Shell, args: commands.Flags) -> None:
   """Prints the commands of one supervision cycle."""
   workdir = args.workdir
   shell.note(f"state: {state_path(workdir)}; progress: {workdir}/checkpoints, metrics.jsonl")
-  shell.run(tpu_pod.create_command(args))
+  shell.run(tpu_vm.create_command(args))
   ready = "ACTIVE" if args.queued else "READY"
   shell.note(f"repeated every {args.poll_seconds:g} s until it prints {ready}:")
   shell.run(slice_state_command(args))
-  tpu_pod._install(shell, args)
+  tpu_vm.install(shell, args)
   shell.run(start_command(args))
   shell.note(f"every {args.poll_seconds:g} s: the slice state, then each worker's training:")
   shell.run(slice_state_command(args))
@@ -340,10 +340,10 @@ def dry_run(shell: commands.Shell, args: commands.Flags) -> None:
     f"backoff from {args.backoff_seconds:g} s doubling up to {args.max_backoff_seconds:g} s): "
     "delete, then the same create, install and start; training resumes from its checkpoint"
   )
-  shell.run(tpu_pod.delete_command(args))
+  shell.run(tpu_vm.delete_command(args))
   shell.note("once the final checkpoint is written" + (" (kept: --keep)" if args.keep else ":"))
   if not args.keep:
-    shell.run(tpu_pod.delete_command(args))
+    shell.run(tpu_vm.delete_command(args))
 
 
 def supervise(shell: commands.Shell, args: commands.Flags) -> None:

@@ -13,7 +13,8 @@ os.environ.setdefault(
 os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
 # XLA:CPU's concurrency-optimized scheduler may start two independent all-gathers in different
 # orders on different fake devices, and the in-process rendezvous then deadlocks (seen with FSDP
-# over 8 devices training on stored latents, jax 0.10.2). Processes with fake devices run it off.
+# over 8 devices training on stored latents, on the pinned jax). Processes with fake devices
+# run it off.
 IN_ORDER_COLLECTIVES = "--xla_cpu_enable_concurrency_optimized_scheduler=false"
 
 

@@ -22,7 +22,8 @@ SQUARE = [{"label": "target", "points": [[5, 5], [45, 5], [45, 35], [5, 35]]}]
 def test_prepare_data_redoes_an_unfinished_output_and_refuses_a_finished_one(tmp_path):
   out = tmp_path / "data"
   (out / "train").mkdir(parents=True)
-  (out / "train" / "records-00000.array_record").write_bytes(b"cut short")  # No meta.json.
+  # A shard cut short, no store.json: a conversion that stopped.
+  (out / "train" / "records-00000-of-00001-00000.array_record").write_bytes(b"cut short")
   counts = prepare_data.main([*SYNTHETIC, f"--output={out}"])
   assert len(records.RecordReader(str(out / "train"))) == counts["train"] == 8
   with pytest.raises(SystemExit, match=r"holds finished stores \(gen, heldout, train, val\)"):

@@ -18,7 +18,10 @@ from genmask_jax.data.features import (
   FeatureWriter,
   StoreLayout,
 )
+from genmask_jax.vlm import image_policy
 from genmask_jax.vlm.prompts import prompt_template
+
+POLICY = image_policy.DEFAULT.to_record()  # Every feature store records one.
 
 MODEL = "tiny-qwen"
 HIDDEN = 8
@@ -57,7 +60,7 @@ def _store(path, samples, shard_size=5):
 def _features(path, store, model=MODEL, template=None, lengths=None, ids=None, marker=0.5):
   reader = records.RecordReader(store)
   ids = ids or reader.ids()
-  meta = FeatureMeta(model, template or prompt_template(), "float16", HIDDEN)
+  meta = FeatureMeta(model, template or prompt_template(), "float16", HIDDEN, POLICY)
   writer = FeatureWriter(str(path), meta, StoreLayout(len(ids), 1, 4), 0)
   for shard, start, stop in writer.pending_shards():
     items = []

@@ -11,7 +11,7 @@ import pytest
 from conftest import DEMO_ENV, short_demo_command
 from PIL import Image
 
-from launch import demo as launch_demo
+from genmask_jax import demo as demo_stages
 
 STEPS = 400
 # mIoU on the training scenes: measured 0.852 / 0.793 / 0.845 after training (seeds 0 / 1 / 2),
@@ -77,13 +77,26 @@ def test_short_demo_runs_learns_and_resumes(short_demo):
   assert os.path.exists(os.path.join(workdir, "eval", "heldout_overlays.png"))
   assert os.listdir(os.path.join(workdir, "genmask", "tensorboard"))
 
-  # Re-running continues from what exists: no data, features, VAE or DiT steps are redone.
+  # Re-running continues from what exists: no data, features, VAE, latents or DiT steps are
+  # redone (the latent stage reports its complete stores, and rewrites none of their files).
+  stores = ("data", "features", "latents")
+  written = {p: os.path.getmtime(p) for p in stored_files(workdir, stores)}
   again = subprocess.run(
     short_demo_command(workdir), env=DEMO_ENV, capture_output=True, text=True, timeout=1500
   )
   assert again.returncode == 0, again.stderr[-3000:]
-  assert "VAE step" not in again.stderr and "precompute" not in again.stderr
+  assert "VAE step" not in again.stderr and "precompute_vlm" not in again.stderr
+  assert {p: os.path.getmtime(p) for p in stored_files(workdir, stores)} == written
   assert len(losses(workdir, "loss/segmentation")) == STEPS
+
+
+def stored_files(workdir: str, folders: tuple[str, ...]) -> list[str]:
+  return [
+    os.path.join(root, name)
+    for folder in folders
+    for root, _, names in os.walk(os.path.join(workdir, folder))
+    for name in names
+  ]
 
 
 def test_demo_refuses_stores_of_another_size(tmp_path):
@@ -92,11 +105,11 @@ def test_demo_refuses_stores_of_another_size(tmp_path):
     dict(num_train=4, num_heldout=2, num_gen=2, num_generate=2, num_eval_train=2, image_size=32)
   )
   data_dir = str(tmp_path / "data")
-  launch_demo.make_data(demo, data_dir)
-  launch_demo.make_data(demo, data_dir)  # Nothing to redo, nothing refused.
+  demo_stages.make_data(demo, data_dir)
+  demo_stages.make_data(demo, data_dir)  # Nothing to redo, nothing refused.
   demo.num_generate = 3
   with pytest.raises(ValueError, match=r"gen_heldout holds 2 samples .*demo.num_generate is 3"):
-    launch_demo.make_data(demo, data_dir)
+    demo_stages.make_data(demo, data_dir)
 
 
 @pytest.mark.slow

@@ -11,7 +11,8 @@ import ml_collections
 import numpy as np
 import pytest
 
-from genmask_jax.diffusion import flow, guidance, losses, mask_decoders, segment, tasks
+from genmask_jax.data import tasks
+from genmask_jax.diffusion import flow, guidance, losses, mask_decoders, segment
 
 B, H, W, C, S, D = 4, 2, 3, 16, 5, 8  # Latent grid 2 x 3 -> masks 16 x 24.
 

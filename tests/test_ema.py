@@ -9,10 +9,10 @@ import numpy as np
 import pytest
 from train_config import get_config
 
-from genmask_jax.inference import model as inference
 from genmask_jax.models.genmask import Models
+from genmask_jax.runs import checkpoints, model
 from genmask_jax.runtime import sharding
-from genmask_jax.training import checkpointing, train
+from genmask_jax.training import train
 from genmask_jax.training.optimizer import ema_update
 
 
@@ -47,7 +47,7 @@ def saved(config, workdir: str, step: int, item: str):
   abstract, _ = sharding.abstract_with_shardings(
     jax.eval_shape(models.init_params, jax.random.key(0)), mesh, rules
   )
-  ckpt = checkpointing.TrainCheckpoints(os.path.join(workdir, "checkpoints"), keep=1, every=1)
+  ckpt = checkpoints.TrainCheckpoints(os.path.join(workdir, "checkpoints"), keep=1, every=1)
   try:
     return ckpt.restore_params(step, abstract, item)
   finally:
@@ -71,7 +71,7 @@ def test_inference_restores_the_moving_average_and_refuses_it_where_none_was_kep
   config, workdir = trained
   models, mesh = Models.from_config(config), sharding.make_mesh(config.mesh)
   rules = sharding.rules(config.get("sharding"))
-  params, _ = inference.restore_params(config, workdir, models, mesh, rules)
+  params, _ = model.restore_params(config, workdir, models, mesh, rules)
   jax.tree.map(np.testing.assert_array_equal, params, saved(config, workdir, 2, "ema_params"))
 
   plain = config_with_ema(str(tmp_path / "stores"), 0.0)
@@ -79,4 +79,4 @@ def test_inference_restores_the_moving_average_and_refuses_it_where_none_was_kep
   train.train(plain, str(tmp_path / "plain"))
   plain.optimizer.ema_decay = 0.9
   with pytest.raises(ValueError, match="holds no 'ema_params'"):
-    inference.restore_params(plain, str(tmp_path / "plain"), models, mesh, rules)
+    model.restore_params(plain, str(tmp_path / "plain"), models, mesh, rules)

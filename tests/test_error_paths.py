@@ -13,8 +13,8 @@ import pytest
 from train_config import get_config
 
 from genmask_jax.data import pipeline
-from genmask_jax.inference import model as inference
 from genmask_jax.models.genmask import Models
+from genmask_jax.runs import model
 from genmask_jax.runtime import sharding
 from genmask_jax.training import train
 
@@ -80,7 +80,7 @@ def test_no_checkpoint_and_no_weights(config, tmp_path):
   models = Models.from_config(config)
   mesh, rules = sharding.make_mesh(config.mesh, jax.devices()[:1]), sharding.rules()
   with pytest.raises(FileNotFoundError, match="no training checkpoint under .* no converted"):
-    inference.restore_params(config, str(tmp_path / "empty_run"), models, mesh, rules)
+    model.restore_params(config, str(tmp_path / "empty_run"), models, mesh, rules)
 
 
 @pytest.mark.parametrize("grad_norm", [np.inf, np.nan])

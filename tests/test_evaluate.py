@@ -10,7 +10,8 @@ from PIL import Image
 from train_config import get_config
 
 from genmask_jax.evaluation import evaluate, reduce
-from genmask_jax.models.genmask import Models, frozen_vae_params
+from genmask_jax.models.genmask import Models
+from genmask_jax.runs.model import frozen_vae_params
 from genmask_jax.runtime import sharding
 
 STATS_AT_ORIGINAL = reduce.stats_at_original

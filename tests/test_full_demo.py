@@ -1,6 +1,6 @@
 """The README's first command as printed, at full length (~12 minutes on 2 cores): not part of
 the default run (`-m "not full_demo"` in pyproject.toml); CI runs it after the suite with
-`pytest -m full_demo`, on a CPU other than the one the README's figures come from."""
+`pytest -m full_demo`, on a CPU other than the one docs/results.md's figures come from."""
 
 import json
 import os
@@ -13,7 +13,7 @@ from conftest import DEMO_ENV
 from PIL import Image
 from user_scenes import read_mask, shape_coverage, user_scene
 
-# Measured on a 2-core CPU over seeds 0, 1, 2 (README): held-out mIoU 0.807-0.849, training
+# Measured on a 2-core CPU over seeds 0, 1, 2 (docs/results.md): held-out mIoU 0.807-0.849, training
 # scenes 0.806-0.879, baselines <= 0.35; named-colour recall 0.720-0.752 (untrained 0.035-0.287:
 # it depends on the initialization), precision 0.913-0.971 (untrained 0.46-0.61).
 # Another CPU rounds like another seed: the floors sit well below the worst seed, so a miss here

@@ -48,7 +48,7 @@ def sample(noise, context, context_mask, guidance_scale, num_steps=50, shift=5.0
 
 
 def test_schedule_matches_wan():
-  # WAN-2.1's UniPC schedule at shift 5, 50 steps (reference/wan21_port_facts.md section 4).
+  # WAN-2.1's UniPC schedule at shift 5, 50 steps (`wan/utils/fm_solvers_unipc.py`).
   sigmas = generate.flow_sigmas(50, 5.0)
   assert sigmas.shape == (51,) and sigmas[-1] == 0.0
   np.testing.assert_allclose(sigmas[[0, -2]], [0.99980, 0.09251], atol=1e-5)

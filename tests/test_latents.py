@@ -14,7 +14,7 @@ from training_data import IMAGE_SIZE, make_stores
 from genmask_jax.data import encode_latents, pipeline, preprocess, records, synthetic
 from genmask_jax.data.latents import LatentError, LatentReader
 from genmask_jax.models.vae import LATENTS_STD
-from genmask_jax.training import train
+from genmask_jax.training import precompute_latents, train
 
 ENV = dict(os.environ, PYTHONPATH=".:tests", JAX_PLATFORMS="cpu")
 
@@ -123,7 +123,7 @@ def metric_rows(workdir):
 
 def test_training_on_stored_latents_matches_encoding_in_the_step(root, tmp_path):
   config = latent_config(root, tmp_path / "latents", total_steps=3)
-  encode_latents.precompute(config, batch_size=8)
+  precompute_latents.precompute(config, batch_size=8)
   plain = get_config(root)
   plain.total_steps = 3
   train.train(config, str(tmp_path / "stored"))
@@ -137,7 +137,7 @@ def test_training_on_stored_latents_matches_encoding_in_the_step(root, tmp_path)
 
 
 def test_latents_of_another_vae_are_refused(root, tmp_path):
-  encode_latents.precompute(latent_config(root, tmp_path / "latents"), batch_size=16)
+  precompute_latents.precompute(latent_config(root, tmp_path / "latents"), batch_size=16)
   # The random VAE is seeded from config.seed; its latent statistics are part of the VAE too.
   other_weights = latent_config(root, tmp_path / "latents", seed=7)
   other_stats = latent_config(root, tmp_path / "latents")

@@ -3,6 +3,7 @@ stand-ins for gcloud / sbatch / srun that record what they were asked to do."""
 
 from __future__ import annotations
 
+import importlib.metadata
 import json
 import os
 import shlex
@@ -14,7 +15,7 @@ import textwrap
 
 import pytest
 
-from launch import fanout, slurm_gpu, tpu_pod
+from launch import fanout, slurm_gpu, tpu_pod, tpu_vm
 
 ZONE = ["--zone=us-east5-a", "--project=my-project"]
 WHERE = "--zone=us-east5-a --project=my-project"
@@ -42,12 +43,17 @@ def source(tmp_path, monkeypatch):
   src = tmp_path / "src"
   (src / ".git").mkdir(parents=True)
   (src / ".git" / "HEAD").write_text("ref")
-  (src / "requirements-train.txt").write_text("jax==0.10.2\n")
+  (src / "requirements-train.txt").write_text("numpy\n")
   return src
 
 
 def _lines(capsys) -> list[str]:
   return capsys.readouterr().out.splitlines()
+
+
+def test_tpu_workers_get_the_jax_the_project_pins():
+  """requirements-train.txt owns the jax version; the environment was installed from it."""
+  assert tpu_vm.jax_tpu() == f"jax[tpu]=={importlib.metadata.version('jax')}"
 
 
 def test_tpu_run_dry_run_prints_the_exact_commands(source, tmp_path, capsys):
@@ -58,7 +64,7 @@ def test_tpu_run_dry_run_prints_the_exact_commands(source, tmp_path, capsys):
     " && python3 -m pip install --user --quiet uv"
     " && python3 -m uv venv --python=3.11 genmask-jax/.venv"
     " && python3 -m uv pip install --python=genmask-jax/.venv/bin/python"
-    " -r genmask-jax/requirements-train.txt 'jax[tpu]==0.10.2'"
+    f" -r genmask-jax/requirements-train.txt '{tpu_vm.jax_tpu()}'"
   )
   train = (
     "cd genmask-jax && set -o pipefail && .venv/bin/python -m genmask_jax.main"

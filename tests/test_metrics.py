@@ -7,7 +7,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from genmask_jax.evaluation import metrics, reduce, report, resize
+from genmask_jax.data import resize
+from genmask_jax.evaluation import metrics, reduce, report
 
 THRESHOLDS = (0.5, 0.6, 0.7, 0.8, 0.9)
 
@@ -151,7 +152,7 @@ def test_prediction_at_512_is_scored_at_the_original_size():
 def test_device_undo_resize_matches_the_host_one(original, resized):
   logits = np.random.default_rng(2).normal(size=(1, 64, 64)).astype(np.float32)
   want = resize.undo_resize(logits[0], original, resized)
-  got = resize.undo_resize_padded(
+  got = reduce.undo_resize_padded(
     jnp.asarray(logits), jnp.array([original]), jnp.array([resized]), (300, 300)
   )
   h, w = original

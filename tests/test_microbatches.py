@@ -5,7 +5,8 @@ import jax
 import numpy as np
 
 from configs.genmask import get_config
-from genmask_jax.models.genmask import Models, frozen_vae_params
+from genmask_jax.models.genmask import Models
+from genmask_jax.runs.model import frozen_vae_params
 from genmask_jax.runtime import sharding
 from genmask_jax.training import train
 from genmask_jax.training.optimizer import make_optimizer

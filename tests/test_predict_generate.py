@@ -21,14 +21,14 @@ from PIL import Image
 from train_config import get_config
 from training_data import IMAGE_SIZE, make_stores
 
-from genmask_jax.data import pipeline, records
+from genmask_jax.data import pipeline, records, resize
 from genmask_jax.data.features import FeatureMeta, FeatureWriter, StoreLayout
-from genmask_jax.evaluation import resize
-from genmask_jax.inference import model as inference
 from genmask_jax.models.genmask import Models
+from genmask_jax.runs import model
 from genmask_jax.runtime import sharding
-from genmask_jax.vlm import encode, prompts, tiny_qwen
-from launch import precompute_vlm
+from genmask_jax.vlm import encode, image_policy, prompts, tiny_qwen
+
+POLICY = image_policy.DEFAULT.to_record()  # Every feature store records one.
 
 VLM_ID = "tiny_qwen"  # The VLM directory's name: the encoder id the tools derive from it.
 VLM_WIDTH = 64
@@ -44,11 +44,9 @@ CAPTIONS = ("A photo of a red cat.", "A photo of a blue bus.", "A photo of a dog
 
 def encode_store(model, processor, store: str, out: str, reasoning: bool = False) -> None:
   samples = records.RecordReader(store)
-  meta = FeatureMeta(VLM_ID, prompts.prompt_template(reasoning), "float16", VLM_WIDTH)
+  meta = FeatureMeta(VLM_ID, prompts.prompt_template(reasoning), "float16", VLM_WIDTH, POLICY)
   writer = FeatureWriter(out, meta, StoreLayout(len(samples), 1, len(samples)), 0)
-  assert precompute_vlm.precompute(
-    model, processor, samples, writer, batch_size=16, reasoning=reasoning
-  )
+  assert encode.precompute(model, processor, samples, writer, batch_size=16, reasoning=reasoning)
 
 
 class Runner:
@@ -249,7 +247,7 @@ def _run_tools(runner, tmp, root, workdir, vlm_dir, stores) -> dict:
 def reference_masks(runs) -> dict[str, np.ndarray]:
   """The masks of the store's first two samples computed here, not by launch/predict.py: the
   evaluation's input pipeline, the checkpoint restored and segmented through
-  genmask_jax.inference.model, logits cropped and resized back to the image's size, thresholded
+  genmask_jax/runs/model.py, logits cropped and resized back to the image's size, thresholded
   at 0."""
   config = get_config(runs["root"])
   config.dit.text_dim, config.data.text_len = VLM_WIDTH, TEXT_LEN
@@ -269,9 +267,10 @@ def reference_masks(runs) -> dict[str, np.ndarray]:
   # random initialization and the segmentation noise.
   prng = jax.default_prng_impl(runs["prng_impl"])
   with prng, jax.set_mesh(mesh), nn.logical_axis_rules(rules):
-    params, vae_params = inference.restore_params(config, runs["workdir"], models, mesh, rules)
+    params, _ = model.restore_params(config, runs["workdir"], models, mesh, rules)
+    vae_params = model.frozen_vae_params(models, config, mesh, rules)
     inputs = sharding.global_batch({k: batch[k] for k in ("image", "text", "text_mask")}, mesh)
-    logits = inference.segmenter(models, config)(
+    logits = model.segmenter(models, config)(
       params, vae_params, inputs["image"], inputs["text"], inputs["text_mask"]
     )
   logits = np.asarray(logits)

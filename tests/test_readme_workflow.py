@@ -57,7 +57,7 @@ SKIPPED = {
 }
 # What the run commands must cover, so that a too broad rule cannot skip a step.
 RUN_MODULES = {
-  "genmask_jax.vlm.tiny_qwen",
+  "launch.tiny_qwen",
   "launch.convert_wan",
   "launch.prepare_data",
   "launch.precompute_vlm",
@@ -169,7 +169,7 @@ def check(command: str, output: str, root: str, refcoco: dict) -> None:
   args = flags(command)
   at = lambda p: os.path.join(root, p)  # noqa: E731
   config = get_config("trial")
-  if module == "genmask_jax.vlm.tiny_qwen":
+  if module == "launch.tiny_qwen":
     assert os.path.isfile(at(os.path.join(args["out"][0], "config.json")))
   elif "diffusers" in command:  # The trial's random WAN weights.
     for part in ("transformer", "vae"):

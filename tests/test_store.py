@@ -4,8 +4,6 @@ and stores of the layouts before it (refused with the upgrade command, then upgr
 import dataclasses
 import json
 import os
-import subprocess
-import sys
 
 import numpy as np
 import pytest
@@ -13,8 +11,10 @@ import pytest
 from genmask_jax.data import encode_latents, features, latents, pipeline, records, store, synthetic
 from genmask_jax.data.features import FeatureItem, FeatureMeta, FeatureReader, FeatureWriter
 from genmask_jax.data.store import StoreError, StoreLayout
+from genmask_jax.vlm import image_policy
 from genmask_jax.vlm.prompts import prompt_template
-from launch import upgrade_store
+
+POLICY = image_policy.DEFAULT.to_record()  # Every feature store records one.
 
 MODEL, HIDDEN, SIZE = "enc", 4, 16
 
@@ -31,7 +31,7 @@ def _hidden(i: int) -> np.ndarray:
 
 
 def _features(path, ids, num_workers=2, shard_size=2, workers=None) -> str:
-  meta = FeatureMeta(MODEL, prompt_template(), "float16", HIDDEN)
+  meta = FeatureMeta(MODEL, prompt_template(), "float16", HIDDEN, POLICY)
   layout = StoreLayout(len(ids), num_workers, shard_size)
   for w in range(num_workers) if workers is None else workers:
     writer = FeatureWriter(str(path), meta, layout, w)
@@ -59,7 +59,7 @@ def test_metadata_names_kind_version_layout_and_what_rows_were_computed_with(sam
     "kind": "features",
     "format_version": store.FORMAT_VERSION,
     "layout": {"num_samples": 10, "num_workers": 2, "shard_size": 2},
-    "meta": dataclasses.asdict(FeatureMeta(MODEL, prompt_template(), "float16", HIDDEN)),
+    "meta": dataclasses.asdict(FeatureMeta(MODEL, prompt_template(), "float16", HIDDEN, POLICY)),
   }
   reader = records.RecordReader(samples)
   assert reader.layout == StoreLayout(10, 1, 4) and reader.meta.info == {"by": "test"}
@@ -78,7 +78,7 @@ def test_a_store_is_complete_only_once_every_worker_has_finalized(samples, tmp_p
   with pytest.raises(StoreError, match=rf"{out}: incomplete, workers \[1\] of 3 .*precompute_vlm"):
     FeatureReader(out)
   # Worker 1's shards, but not its part (killed before finalize): still not complete.
-  meta = FeatureMeta(MODEL, prompt_template(), "float16", HIDDEN)
+  meta = FeatureMeta(MODEL, prompt_template(), "float16", HIDDEN, POLICY)
   writer = FeatureWriter(out, meta, StoreLayout(10, 3, 2), 1)
   for shard, start, stop in writer.pending_shards():
     writer.write_shard(shard, [FeatureItem(ids[i], "t", _hidden(i)) for i in range(start, stop)])
@@ -92,7 +92,7 @@ def test_a_store_is_complete_only_once_every_worker_has_finalized(samples, tmp_p
 
 def test_a_half_written_shard_is_never_visible(samples, tmp_path):
   ids, out = records.RecordReader(samples).ids(), str(tmp_path / "f")
-  meta = FeatureMeta(MODEL, prompt_template(), "float16", HIDDEN)
+  meta = FeatureMeta(MODEL, prompt_template(), "float16", HIDDEN, POLICY)
   writer = FeatureWriter(out, meta, StoreLayout(10, 1, 4), 0)
 
   def crash(local: dict[str, str]) -> None:
@@ -120,12 +120,15 @@ def test_a_writer_refuses_another_workers_count_or_encoder(samples, tmp_path):
   listing = sorted(os.listdir(out))
   _features(out, ids, num_workers=3)
   assert sorted(os.listdir(out)) == listing
-  other = FeatureMeta("other", prompt_template(), "float16", HIDDEN)
+  other = FeatureMeta("other", prompt_template(), "float16", HIDDEN, POLICY)
   with pytest.raises(StoreError, match="was started with .*'enc'.*'other'"):
     FeatureWriter(out, other, StoreLayout(10, 2, 2), 0)
   with pytest.raises(StoreError, match="worker index 2 outside"):
     FeatureWriter(
-      out, FeatureMeta(MODEL, prompt_template(), "float16", HIDDEN), StoreLayout(10, 2, 2), 2
+      out,
+      FeatureMeta(MODEL, prompt_template(), "float16", HIDDEN, POLICY),
+      StoreLayout(10, 2, 2),
+      2,
     )
 
 
@@ -162,124 +165,39 @@ def test_latents_are_rows_of_the_same_protocol(samples, tmp_path):
   store.check_aligned(reader, records.RecordReader(samples))
 
 
-def _to_old_records(path: str) -> None:
-  """The sample store of the layout before store.json, from one of today's."""
-  reader = records.RecordReader(path)
-  shards = []
-  for k, shard in enumerate(reader.shards):
-    os.rename(reader.file(k, "records"), os.path.join(path, f"records-{k:05d}.array_record"))
-    shards.append({"file": f"records-{k:05d}.array_record", "num_records": len(shard.ids)})
-  meta = dict(num_records=len(reader), shards=shards, tasks=reader.meta.tasks, info={})
-  _drop_new_metadata(path)
-  _write(path, "ids.json", reader.ids())
-  _write(path, "meta.json", dict(meta, format_version=1))
-
-
-def _to_old_features(path: str) -> None:
-  reader = FeatureReader(path)
-  manifest = [{"file": s.files["features"], "ids": s.ids} for s in reader.shards]
-  meta = dict(dataclasses.asdict(reader.meta), format_version=1)
-  _drop_new_metadata(path, keep_ids=True)  # The shards' .ids.json were the same.
-  _write(path, "meta.json", {"meta": meta, "layout": dataclasses.asdict(reader.layout)})
-  _write(path, "manifest.json", {"shards": manifest})
-
-
-def _to_old_latents(path: str) -> None:
-  reader = latents.LatentReader(path)
-  n = reader.layout.num_workers
-  for w, shard in enumerate(reader.shards):  # One shard a worker.
-    for role in shard.files:
-      os.rename(reader.file(w, role), os.path.join(path, f"{role}-{w:05d}-of-{n:05d}.npy"))
-    _write(path, f"ids-{w:05d}-of-{n:05d}.json", shard.ids)
-  meta = dict(dataclasses.asdict(reader.meta), num_samples=len(reader), num_workers=n)
-  _drop_new_metadata(path)
-  _write(path, "meta.json", dict(meta, format_version=1))
-
-
-def _drop_new_metadata(path: str, keep_ids: bool = False) -> None:
-  for name in os.listdir(path):
-    if name in (store.META_FILE,) or name.startswith("part-"):
-      os.remove(os.path.join(path, name))
-    elif name.endswith(store.IDS_SUFFIX) and not keep_ids:
-      os.remove(os.path.join(path, name))
+@pytest.mark.parametrize("kind", ["records", "features", "latents"])
+def test_a_store_without_todays_metadata_is_refused_with_the_command_that_rebuilds_it(
+  samples, tmp_path, kind
+):
+  """A store.json of another format version, or one without a field this code records (a
+  feature store without its image policy), names the command that writes the store afresh."""
+  ids = records.RecordReader(samples).ids()
+  if kind == "records":
+    path, reader = _samples(tmp_path / "s"), records.RecordReader
+  elif kind == "features":
+    path, reader = _features(tmp_path / "f", ids), FeatureReader
+  else:
+    path, reader = str(tmp_path / "l"), latents.LatentReader
+    encode_latents.encode_store(_pooled, samples, path, vae="v", resolution=SIZE)
+  command = {
+    "records": "prepare_data",
+    "features": "precompute_vlm",
+    "latents": "precompute_latents",
+  }
+  rebuild = rf"remove {path} and write it again with `python -m launch\.{command[kind]}`"
+  meta_path = os.path.join(path, store.META_FILE)
+  with open(meta_path) as f:
+    meta = json.load(f)
+  _write(path, store.META_FILE, dict(meta, format_version=1))
+  with pytest.raises(StoreError, match=rf"format version 1, this code reads 2: {rebuild}"):
+    reader(path)
+  if kind == "features":
+    del meta["meta"]["image_policy"]
+    _write(path, store.META_FILE, meta)
+    with pytest.raises(StoreError, match=rf"not the features store metadata .*{rebuild}"):
+      reader(path)
 
 
 def _write(path: str, name: str, obj) -> None:
   with open(os.path.join(path, name), "w") as f:
     json.dump(obj, f)
-
-
-def test_old_stores_are_refused_with_the_upgrade_command_then_upgraded_in_place(tmp_path):
-  samples = _samples(tmp_path / "samples")
-  ids = records.RecordReader(samples).ids()
-  feats = _features(tmp_path / "features", ids)
-  lats = str(tmp_path / "latents")
-  for w in (0, 1):
-    encode_latents.encode_store(
-      _pooled, samples, lats, vae="v", resolution=SIZE, worker_index=w, num_workers=2
-    )
-  readers = {samples: records.RecordReader, feats: FeatureReader, lats: latents.LatentReader}
-  before = {
-    samples: list(records.RecordReader(samples)),
-    feats: [FeatureReader(feats)[i].hidden for i in range(10)],
-    lats: [latents.LatentReader(lats)[i]["mask_latents"] for i in range(10)],
-  }
-  _to_old_records(samples)
-  _to_old_features(feats)
-  _to_old_latents(lats)
-  for path, reader in readers.items():
-    upgrade = rf"{path}: a store of the layout before store.json; upgrade it in place with: "
-    with pytest.raises(StoreError, match=upgrade + rf"python -m launch.upgrade_store {path}$"):
-      store.is_complete(path)
-    with pytest.raises(StoreError, match=upgrade):
-      reader(path)
-
-  result = subprocess.run(
-    [sys.executable, "-m", "launch.upgrade_store", samples, feats, lats],
-    capture_output=True,
-    text=True,
-    timeout=300,
-  )
-  assert result.returncode == 0, result.stderr[-3000:]
-  assert f"{lats}: latents store of 10 samples, upgraded" in result.stdout
-  for path in readers:
-    assert store.is_complete(path) and "meta.json" not in os.listdir(path)
-  assert list(records.RecordReader(samples)) == before[samples]
-  assert "records-00001.array_record" in os.listdir(samples)  # Not moved: named by the part.
-  for i in range(10):
-    np.testing.assert_array_equal(FeatureReader(feats)[i].hidden, before[feats][i])
-    np.testing.assert_array_equal(latents.LatentReader(lats)[i]["mask_latents"], before[lats][i])
-  store.check_aligned(FeatureReader(feats), records.RecordReader(samples))
-  # The command that wrote the latents, run again with today's layout, finds them done.
-  assert encode_latents.encode_store(_pooled, samples, lats, vae="v", resolution=SIZE)
-  assert store.read_meta(lats, latents.KIND, latents.LatentMeta).layout.num_workers == 2
-  # An upgraded sample store is overwritten like any other.
-  with records.RecordWriter(samples, 4, overwrite=True) as writer:
-    writer.write(before[samples][0])
-  assert records.RecordReader(samples).ids() == [ids[0]]
-  assert "records-00001.array_record" not in os.listdir(samples)
-
-
-def test_an_unfinished_old_feature_store_is_upgraded_and_resumed(samples, tmp_path):
-  ids = records.RecordReader(samples).ids()
-  out = _features(tmp_path / "f", ids)
-  _to_old_features(out)
-  os.remove(os.path.join(out, "manifest.json"))  # Worker 1 never finished ...
-  os.remove(os.path.join(out, "features-00001-of-00002-00002.array_record"))  # ... its last shard.
-  assert "unfinished feature store" in upgrade_store.upgrade(out)
-  assert not store.is_complete(out)
-  _features(out, ids)  # The same command resumes it.
-  reader = FeatureReader(out)
-  assert reader.ids() == ids and int(reader[9].hidden[0, 0]) == 9
-
-
-def test_an_unfinished_old_latent_store_is_named_for_removal(samples, tmp_path):
-  out = str(tmp_path / "l")
-  for w in (0, 1):
-    encode_latents.encode_store(
-      _pooled, samples, out, vae="v", resolution=SIZE, worker_index=w, num_workers=2
-    )
-  _to_old_latents(out)
-  os.remove(os.path.join(out, "ids-00001-of-00002.json"))
-  with pytest.raises(StoreError, match=r"unfinished latent store .*workers \[1\] of 2.*remove it"):
-    upgrade_store.upgrade(out)

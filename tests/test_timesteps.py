@@ -8,7 +8,8 @@ import ml_collections
 import numpy as np
 import pytest
 
-from genmask_jax.diffusion import tasks, timesteps
+from genmask_jax.data import tasks
+from genmask_jax.diffusion import timesteps
 
 N_DRAWS = 10**6
 KS_CRITICAL_5PCT = 1.36 / np.sqrt(N_DRAWS)

@@ -17,8 +17,8 @@ from train_config import get_config
 from training_data import make_stores
 
 from genmask_jax.models.genmask import Models
+from genmask_jax.runs import checkpoints
 from genmask_jax.runtime import sharding
-from genmask_jax.training import checkpointing
 from launch import commands, tpu_pod
 
 ENV = dict(os.environ, PYTHONPATH=".:tests", JAX_PLATFORMS="cpu", XLA_FLAGS=fake_devices(8))
@@ -53,7 +53,7 @@ def final_params(workdir, root):
   mesh = sharding.make_mesh(config.mesh)
   boxed = jax.eval_shape(Models.from_config(config).init_params, jax.random.key(0))
   abstract, _ = sharding.abstract_with_shardings(boxed, mesh, sharding.rules())
-  ckpt = checkpointing.TrainCheckpoints(os.path.join(workdir, "checkpoints"), keep=1, every=1)
+  ckpt = checkpoints.TrainCheckpoints(os.path.join(workdir, "checkpoints"), keep=1, every=1)
   params = ckpt.restore_params(ckpt.latest_step(), abstract)
   ckpt.close()
   return jax.device_get(params)

@@ -17,8 +17,9 @@ from train_config import get_config
 from training_data import make_stores
 
 from genmask_jax.models.genmask import Models
+from genmask_jax.runs import checkpoints
 from genmask_jax.runtime import sharding
-from genmask_jax.training import checkpointing, train
+from genmask_jax.training import train
 from genmask_jax.training.optimizer import make_optimizer
 
 ENV = dict(os.environ, PYTHONPATH=".:tests", JAX_PLATFORMS="cpu")
@@ -53,7 +54,7 @@ def final_params(workdir, config):
   models = Models.from_config(config)
   boxed = jax.eval_shape(models.init_params, jax.random.key(0))
   abstract, _ = sharding.abstract_with_shardings(boxed, mesh, sharding.rules())
-  ckpt = checkpointing.TrainCheckpoints(os.path.join(workdir, "checkpoints"), keep=1, every=1)
+  ckpt = checkpoints.TrainCheckpoints(os.path.join(workdir, "checkpoints"), keep=1, every=1)
   params = ckpt.restore_params(ckpt.latest_step(), abstract)
   ckpt.close()
   return jax.device_get(params)
@@ -206,7 +207,7 @@ def test_non_finite_loss_stops_and_keeps_last_checkpoint(root, tmp_path):
   with pytest.raises(train.NonFiniteError, match=r"step (\d+): non-finite") as error:
     train.train(config, workdir)
   bad_step = int(error.value.args[0].split()[1].rstrip(":"))
-  ckpt = checkpointing.TrainCheckpoints(os.path.join(workdir, "checkpoints"), keep=1, every=1)
+  ckpt = checkpoints.TrainCheckpoints(os.path.join(workdir, "checkpoints"), keep=1, every=1)
   assert ckpt.latest_step() < bad_step
   ckpt.close()
   config.mesh = dict(data=1, fsdp=-1, tensor=1)

@@ -6,7 +6,8 @@ import os
 import pytest
 from train_config import get_config
 
-from genmask_jax.training import checkpointing, train
+from genmask_jax.runs import checkpoints
+from genmask_jax.training import train
 
 
 def diverging_config(root: str, log_every: int):
@@ -32,6 +33,6 @@ def test_deferred_metrics_stop_at_the_first_non_finite_step(tmp_path):
   deferred = first_bad_step(diverging_config(root, 5), deferred_dir)
   assert deferred == every_step
   assert every_step % 5 != 0 and every_step < 10  # Found between fetches (log 5, save 10).
-  ckpt = checkpointing.TrainCheckpoints(os.path.join(deferred_dir, "checkpoints"), keep=1, every=1)
+  ckpt = checkpoints.TrainCheckpoints(os.path.join(deferred_dir, "checkpoints"), keep=1, every=1)
   assert ckpt.latest_step() < every_step  # Nothing saved from a non-finite state.
   ckpt.close()

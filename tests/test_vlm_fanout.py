@@ -189,7 +189,9 @@ def test_a_complete_store_starts_no_worker(checkpoint, sample_store, two_workers
 
 @pytest.mark.parametrize("umask, mode", [(0o022, 0o644), (0o027, 0o640)])
 def test_store_files_get_the_mode_the_umask_allows(tmp_path, umask, mode):
-  meta = F.FeatureMeta("m", prompts.prompt_template(), "bfloat16", 4)
+  meta = F.FeatureMeta(
+    "m", prompts.prompt_template(), "bfloat16", 4, image_policy.DEFAULT.to_record()
+  )
   previous = os.umask(umask)
   try:
     writer = F.FeatureWriter(str(tmp_path), meta, F.StoreLayout(2, 1, 2), 0)

@@ -10,8 +10,11 @@ from array_record.python.array_record_module import ArrayRecordWriter
 
 from genmask_jax.data import features as F
 from genmask_jax.data import store
+from genmask_jax.vlm import image_policy
 
-META = F.FeatureMeta(model_id="enc-a", prompt_template="tmpl-a", dtype="bfloat16", hidden_size=8)
+POLICY = image_policy.DEFAULT.to_record()  # Every feature store records one.
+
+META = F.FeatureMeta("enc-a", "tmpl-a", "bfloat16", 8, POLICY)
 
 
 def hidden_for(i: int) -> np.ndarray:
@@ -44,7 +47,7 @@ def test_layout_covers_every_sample_once_in_order(n, workers, shard):
 
 @pytest.mark.parametrize("dtype", ["bfloat16", "float16"])
 def test_round_trip_in_store_dtype(tmp_path, dtype):
-  meta = F.FeatureMeta("enc-a", "tmpl-a", dtype, 8)
+  meta = F.FeatureMeta("enc-a", "tmpl-a", dtype, 8, POLICY)
   ids = write_store(tmp_path, meta)
   reader = F.FeatureReader(str(tmp_path))
   assert reader.meta == meta and reader.ids() == ids and len(reader) == 5
@@ -77,7 +80,7 @@ def test_check_meta_names_the_mismatch():
 
 def test_writer_refuses_a_store_started_with_other_settings(tmp_path):
   F.FeatureWriter(str(tmp_path), META, F.StoreLayout(5, 2, 2), 0)  # Started, nothing written.
-  other = F.FeatureMeta("enc-b", "tmpl-a", "bfloat16", 8)
+  other = F.FeatureMeta("enc-b", "tmpl-a", "bfloat16", 8, POLICY)
   with pytest.raises(F.FeatureError, match="enc-b"):
     F.FeatureWriter(str(tmp_path), other, F.StoreLayout(5, 2, 2), 0)
   with pytest.raises(F.FeatureError, match="shard_size=3"):

@@ -11,7 +11,6 @@ import torch
 from genmask_jax.data import features as F
 from genmask_jax.data import records, store
 from genmask_jax.vlm import encode, image_policy, prompts, tiny_qwen
-from launch import precompute_vlm
 
 TASKS = ["segmentation", "generation", "segmentation", "segmentation", "generation", "segmentation"]
 TEXTS = ["red cat", "A photo of a dog.", "blue car on the left", "what can fly?", "A bus.", "man"]
@@ -53,7 +52,7 @@ def run(vlm, samples_path, out, num_workers=1, worker_index=0, reasoning=False) 
   writer = F.FeatureWriter(
     str(out), meta, F.StoreLayout(len(samples), num_workers, 2), worker_index
   )
-  return precompute_vlm.precompute(
+  return encode.precompute(
     model, processor, samples, writer, batch_size=2, reasoning=reasoning, max_new_tokens=6
   )
 
@@ -131,7 +130,7 @@ def test_features_have_ids_shapes_texts_and_values(vlm, sample_store, full_store
     assert hidden.shape == (kept, 64) and np.all(np.isfinite(hidden))
     assert reader.text(sample_id) == TEXTS[i]
     if TASKS[i] == "segmentation":
-      image = precompute_vlm._image(samples[i])
+      image = encode.sample_image(samples[i])
       instruction = prompts.SEGMENT_INSTRUCTION.format(target=TEXTS[i])
       expected = direct_hidden(vlm, image, instruction, kept)
     else:
@@ -207,7 +206,7 @@ def test_reasoning_mode_encodes_and_stores_the_rewrite(vlm, sample_store, full_s
       assert reader.text(sample_id) == sample["text"]
       np.testing.assert_array_equal(reader.get(sample_id), plain.get(sample_id))
       continue
-    image = precompute_vlm._image(sample)
+    image = encode.sample_image(sample)
     # The tiny random VLM answers every rewrite prompt with non-empty text (measured: 'Yma..zrple'
     # or 'Yma..zQ'), so the rewrite is what gets stored, never the query kept as a fallback.
     rewrite = direct_rewrite(vlm, image, sample["text"])

@@ -9,7 +9,10 @@ import numpy as np
 from genmask_jax.data import records, synthetic
 from genmask_jax.data.features import FeatureItem, FeatureMeta, FeatureWriter, StoreLayout
 from genmask_jax.data.store import is_complete
+from genmask_jax.vlm import image_policy
 from genmask_jax.vlm.prompts import prompt_template
+
+POLICY = image_policy.DEFAULT.to_record()  # Every feature store records one.
 
 ENCODER = "test-encoder"
 HIDDEN = 32  # The tiny DiT's text_dim.
@@ -19,7 +22,7 @@ IMAGE_SIZE = 32
 
 def _features(path: str, store: str, seed: int) -> None:
   ids = records.RecordReader(store).ids()
-  meta = FeatureMeta(ENCODER, prompt_template(), "float16", HIDDEN)
+  meta = FeatureMeta(ENCODER, prompt_template(), "float16", HIDDEN, POLICY)
   writer = FeatureWriter(path, meta, StoreLayout(len(ids), 1, 16), 0)
   rng = np.random.default_rng(seed)
   for shard, start, stop in writer.pending_shards():

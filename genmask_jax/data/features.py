@@ -35,9 +35,7 @@ class FeatureMeta:
   prompt_template: str
   dtype: str
   hidden_size: int
-  # vlm/image_policy.ImagePolicy.to_record() of the images encoded; None in stores written
-  # before it was recorded (they used that module's defaults).
-  image_policy: dict | None = None
+  image_policy: dict  # vlm/image_policy.ImagePolicy.to_record() of the images encoded.
 
 
 class FeatureItem(NamedTuple):

@@ -4,11 +4,11 @@ Training images and masks are only resized and padded, never randomly augmented,
 latents are the same every epoch; reading them from a store skips the frozen VAE encoder in
 the train step (a quarter of the CPU demo's step: benchmarks/demo_step.py). A store belongs to
 one sample store (same ids, same order), one task, one resolution and one VAE: its
-fingerprint (encode_latents.vae_fingerprint) hashes the VAE's settings (latent statistics
+fingerprint (runs/model.vae_fingerprint) hashes the VAE's settings (latent statistics
 included) and parameters, and training refuses a store made by another VAE.
 
 A store of the protocol of data/store.py, kind "latents", written by
-`launch/precompute_latents.py` (data/encode_latents.py): store.json holds LatentMeta (VAE
+`launch/precompute_latents.py` (training/encode_latents.py): store.json holds LatentMeta (VAE
 fingerprint, task, resolution, stored dtype) and the layout; a shard is
 latents-WWWWW-of-NNNNN-SSSSS.image.npy, (n, h, w, z_dim) normalized latents of the images, and
 for segmentation .mask.npy, those of the mask images. Arrays are plain .npy files (never
@@ -23,11 +23,11 @@ from __future__ import annotations
 
 import dataclasses
 import io
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 
 import numpy as np
 
-from genmask_jax.data import store
+from genmask_jax.data import store, tasks
 from genmask_jax.data.store import StoreError, StoreLayout
 from genmask_jax.runtime import fileio
 
@@ -43,10 +43,15 @@ LatentError = StoreError  # The name callers catch a wrong or mismatched latent 
 
 @dataclasses.dataclass(frozen=True)
 class LatentMeta:
-  vae: str  # encode_latents.vae_fingerprint of the VAE that encoded the store.
+  vae: str  # runs/model.vae_fingerprint of the VAE that encoded the store.
   task: str
   resolution: int
   dtype: str
+
+
+def latent_sources(data: Mapping) -> list[tuple[str, Mapping]]:
+  """(task, source) of every training source of a data config that names a latent store."""
+  return [(t, s) for t in tasks.NAMES for s in data[t].sources if s.get("latents")]
 
 
 def roles(task: str) -> tuple[str, ...]:

@@ -32,7 +32,7 @@ import ml_collections
 import numpy as np
 from grain.experimental import ZipMapDataset
 
-from genmask_jax.data import preprocess, records, store
+from genmask_jax.data import preprocess, records, store, tasks
 from genmask_jax.data.class_draws import ClassDraws
 from genmask_jax.data.features import FeatureReader, check_meta
 from genmask_jax.data.latents import LatentReader
@@ -63,9 +63,9 @@ class JoinedSource:
       check_meta(self.features.meta, model_id, template)
     except StoreError as e:
       raise StoreError(f"{features_dir}: {e}") from e
-    tasks = set(self.samples.meta.tasks)
-    if tasks != {task}:
-      raise StoreError(f"{records_dir}: holds {sorted(tasks)} samples, expected {task}")
+    held = set(self.samples.meta.tasks)
+    if held != {task}:
+      raise StoreError(f"{records_dir}: holds {sorted(held)} samples, expected {task}")
     store.check_aligned(self.features, self.samples)
     self.latents = None
     if latents_dir:
@@ -154,7 +154,7 @@ def _task_examples(
   ]
   if len({j.features.meta.hidden_size for j in joined}) != 1:
     raise StoreError(f"config: data.{task}.sources have features of different widths")
-  task_key = records.TASKS.index(task)
+  task_key = tasks.NAMES.index(task)
   draws = [
     _class_draws(j, s, _seed(cfg.seed, task_key, i, 1))
     if s.get("classes_per_use") is not None
@@ -217,8 +217,8 @@ def _preprocessor(cfg: ml_collections.ConfigDict, resolution: int):
   )
 
 
-def _by_task(parts: Sequence[dict], tasks: Sequence[str]) -> dict:
-  return dict(zip(tasks, parts, strict=True))
+def _by_task(parts: Sequence[dict], names: Sequence[str]) -> dict:
+  return dict(zip(names, parts, strict=True))
 
 
 def _finish(ds: grain.MapDataset, cfg, batch_size: int) -> grain.IterDataset:
@@ -239,14 +239,14 @@ def train_dataset(
   generation data" ablation).
   """
   shard = shard or grain.sharding.ShardByJaxProcess()
-  tasks = [t for t in records.TASKS if t == "segmentation" or cfg[t].sources]
-  sizes = {t: cfg[t].global_batch_size for t in tasks}
+  trained = [t for t in tasks.NAMES if t == "segmentation" or cfg[t].sources]
+  sizes = {t: cfg[t].global_batch_size for t in trained}
   if len(set(sizes.values())) > 1:
     raise ValueError(
       f"config: segmentation and generation are mixed 1:1, global batch sizes must agree: {sizes}"
     )
-  examples = [_task_examples(cfg, t, shard) for t in tasks]
-  steps = ZipMapDataset(examples).map(functools.partial(_by_task, tasks=tasks))
+  examples = [_task_examples(cfg, t, shard) for t in trained]
+  steps = ZipMapDataset(examples).map(functools.partial(_by_task, names=trained))
   return _finish(steps, cfg, process_batch_size(sizes["segmentation"], shard.shard_count))
 
 

@@ -22,12 +22,13 @@ grain). One example is
 from __future__ import annotations
 
 from collections.abc import Mapping
+from typing import Any
 
-import cv2
 import ml_dtypes
 import numpy as np
 
 from genmask_jax.data import records
+from genmask_jax.data.resize import resize_and_pad, resized_shape
 from genmask_jax.data.store import StoreError
 
 TEXT_DTYPES = {
@@ -37,23 +38,9 @@ TEXT_DTYPES = {
 }
 
 
-def resized_shape(height: int, width: int, resolution: int) -> tuple[int, int]:
-  """(h, w) with the longer side `resolution` and the aspect ratio kept."""
-  scale = resolution / max(height, width)
-  return max(1, round(height * scale)), max(1, round(width * scale))
-
-
-def resize_and_pad(array: np.ndarray, resolution: int, nearest: bool) -> np.ndarray:
-  """Longer side to `resolution`, then zero-padded at the bottom / right to a square."""
-  h, w = array.shape[:2]
-  rh, rw = resized_shape(h, w, resolution)
-  if nearest:
-    method = cv2.INTER_NEAREST
-  else:  # Area averaging when shrinking avoids aliasing; bilinear when enlarging.
-    method = cv2.INTER_AREA if rh < h else cv2.INTER_LINEAR
-  out = np.zeros((resolution, resolution) + array.shape[2:], array.dtype)
-  out[:rh, :rw] = cv2.resize(array, (rw, rh), interpolation=method)
-  return out
+def to_uint8(images: Any) -> np.ndarray:
+  """Images in [-1, 1] (as the model reads and the VAE decodes them) -> uint8, rounded."""
+  return ((np.asarray(images) + 1) * 127.5).clip(0, 255).round().astype(np.uint8)
 
 
 def pixels(sample: Mapping, resolution: int, with_image: bool = True) -> dict[str, np.ndarray]:

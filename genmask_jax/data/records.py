@@ -35,9 +35,8 @@ import msgpack
 import numpy as np
 from PIL import Image
 
-from genmask_jax.data import store
+from genmask_jax.data import store, tasks
 from genmask_jax.data.store import StoreError
-from genmask_jax.diffusion.tasks import NAMES as TASKS
 from genmask_jax.runtime import fileio
 
 KIND = "records"
@@ -107,8 +106,8 @@ def make_sample(
   """A validated record. `image`: JPEG/PNG bytes kept as they are, or an RGB uint8 array
   (stored as PNG). `mask`: (H, W) with values in {0, 1, 255}, required for segmentation."""
   where = f"sample {sample_id!r}"
-  if task not in TASKS:
-    raise StoreError(f"{where}: task {task!r} is not one of {TASKS}")
+  if task not in tasks.NAMES:
+    raise StoreError(f"{where}: task {task!r} is not one of {tasks.NAMES}")
   if isinstance(image, np.ndarray):
     image = encode_png(image)
   try:
@@ -162,8 +161,8 @@ def decode_sample(raw: bytes, where: str) -> Sample:
     raise StoreError(
       f"{where}: format version {sample['format_version']}, this code reads {FORMAT_VERSION}"
     )
-  if sample["task"] not in TASKS:
-    raise StoreError(f"{where}: task {sample['task']!r} is not one of {TASKS}")
+  if sample["task"] not in tasks.NAMES:
+    raise StoreError(f"{where}: task {sample['task']!r} is not one of {tasks.NAMES}")
   if (sample["task"] == "segmentation") != isinstance(sample.get("mask"), bytes):
     raise StoreError(f"{where}: task {sample['task']!r} with mask {type(sample.get('mask'))}")
   return sample

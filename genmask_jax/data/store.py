@@ -19,9 +19,9 @@ of `shard_size` rows (the sample store: one worker):
                                   shards exist: {"shards": [{"files": {role: name}, "ids"}]}
 
 A store is complete when store.json and every worker's part exist (`is_complete`); readers
-refuse anything else, naming the workers still missing. A store of the layouts before this
-protocol (a meta.json, no store.json) is refused with the command that upgrades it in place
-(launch/upgrade_store.py). Every file is written through runtime/fileio (atomic, local or gs://).
+refuse anything else, naming the workers still missing, and a store.json of another format
+version or without the metadata this code records, naming the command that rebuilds the store
+(WRITTEN_BY). Every file is written through runtime/fileio (atomic, local or gs://).
 """
 
 from __future__ import annotations
@@ -37,18 +37,17 @@ import numpy as np
 
 from genmask_jax.runtime import fileio
 
-FORMAT_VERSION = 2  # 1: the per-kind layouts before store.json (launch/upgrade_store.py).
+FORMAT_VERSION = 2
 META_FILE = "store.json"
-OLD_META_FILE = "meta.json"  # Every kind's metadata file before this protocol.
 IDS_SUFFIX = ".ids.json"
 WRITTEN_BY = {
   "records": "launch/prepare_data.py",
   "features": "launch/precompute_vlm.py",
   "latents": "launch/precompute_latents.py",
 }
-# Files of this protocol and of the layouts before it (an overwrite removes only these).
+# Files of this protocol (an overwrite removes only these).
 _STORE_FILE = re.compile(
-  r"(store|meta|ids|manifest)\.json|part-\d{5}-of-\d{5}\.json|[a-z]+-\d{5}(-of-\d{5})?(-\d{5})?(\.\w+)+"
+  r"store\.json|part-\d{5}-of-\d{5}\.json|[a-z]+-\d{5}-of-\d{5}(-\d{5})?(\.\w+)+"
 )
 
 
@@ -99,16 +98,14 @@ def part_name(worker_index: int, num_workers: int) -> str:
 
 
 def is_store_file(name: str) -> bool:
-  """Whether a file name is one a store (of this layout or an older one) writes."""
+  """Whether a file name is one a store writes."""
   return bool(_STORE_FILE.fullmatch(name)) or fileio.is_temp_name(name)
 
 
-def _refuse_old_layout(path: str) -> None:
-  if fileio.exists(os.path.join(path, OLD_META_FILE)):
-    raise StoreError(
-      f"{path}: a store of the layout before {META_FILE}; upgrade it in place with: "
-      f"python -m launch.upgrade_store {path}"
-    )
+def rebuild_hint(kind: str, path: str) -> str:
+  """How to write the `kind` store at `path` afresh."""
+  command = WRITTEN_BY[kind].removesuffix(".py").replace("/", ".")
+  return f"remove {path} and write it again with `python -m {command}`"
 
 
 def write_meta(path: str, meta: StoreMeta) -> None:
@@ -119,21 +116,24 @@ def read_meta(path: str, kind: str, meta_type: type) -> StoreMeta:
   """The StoreMeta of the `kind` store at `path`; StoreError naming what is wrong."""
   meta_path = os.path.join(path, META_FILE)
   if not fileio.exists(meta_path):
-    _refuse_old_layout(path)
     raise StoreError(
       f"{path}: no {META_FILE}: not a {kind} store, or its conversion did not finish"
     )
   obj = fileio.read_json(meta_path, StoreError)
   if obj.get("format_version") != FORMAT_VERSION:
     raise StoreError(
-      f"{meta_path}: format version {obj.get('format_version')}, this code reads {FORMAT_VERSION}"
+      f"{meta_path}: format version {obj.get('format_version')}, this code reads "
+      f"{FORMAT_VERSION}: {rebuild_hint(kind, path)}"
     )
   if obj.get("kind") != kind:
     raise StoreError(f"{path}: a {obj.get('kind')} store, expected {kind}")
   try:
     return StoreMeta(kind, StoreLayout(**obj["layout"]), meta_type(**obj["meta"]))
   except (KeyError, TypeError) as e:
-    raise StoreError(f"{meta_path}: not {kind} store metadata ({e})") from e
+    raise StoreError(
+      f"{meta_path}: not the {kind} store metadata this code records ({e}): "
+      + rebuild_hint(kind, path)
+    ) from e
 
 
 def missing_workers(path: str, layout: StoreLayout) -> list[int]:
@@ -144,11 +144,9 @@ def missing_workers(path: str, layout: StoreLayout) -> list[int]:
 
 
 def is_complete(path: str) -> bool:
-  """Whether `path` holds a complete store; StoreError for a store of the old layouts (the
-  message gives the command that upgrades it)."""
+  """Whether `path` holds a complete store."""
   meta_path = os.path.join(path, META_FILE)
   if not fileio.exists(meta_path):
-    _refuse_old_layout(path)
     return False
   try:
     layout = StoreLayout(**fileio.read_json(meta_path, StoreError)["layout"])
@@ -220,10 +218,9 @@ class ShardedWriter:
     self.worker_index, self.suffixes = worker_index, dict(suffixes)
     fileio.makedirs(path)
     if not fileio.exists(os.path.join(path, META_FILE)):
-      _refuse_old_layout(path)
       write_meta(path, StoreMeta(kind, layout, meta))
     # A complete store of the same rows is done whatever layout wrote it (another worker
-    # count, or an upgraded old store); only an unfinished one must be resumed as it started.
+    # count); only an unfinished one must be resumed as it started.
     started = read_meta(path, kind, type(meta))
     same_rows = started.meta == meta and started.layout.num_samples == layout.num_samples
     self._done = same_rows and is_complete(path)

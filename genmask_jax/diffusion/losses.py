@@ -24,8 +24,9 @@ import jax.numpy as jnp
 import ml_collections
 import optax
 
+from genmask_jax.data import tasks
 from genmask_jax.data.masks import FOREGROUND, IGNORE
-from genmask_jax.diffusion import flow, guidance, mask_decoders, tasks, timesteps
+from genmask_jax.diffusion import flow, guidance, mask_decoders, timesteps
 
 SUPERVISIONS = {"mse": None, "vae_bce": "vae", "linear_bce": "linear"}  # -> mask decoder
 

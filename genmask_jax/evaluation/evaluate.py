@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import os
 import sys
-from collections.abc import Mapping, Sequence
 from typing import Any
 
 import jax
@@ -22,10 +21,10 @@ from jax.experimental import multihost_utils
 from tqdm import tqdm
 
 from genmask_jax.data import pipeline, records
-from genmask_jax.evaluation import metrics, reduce, report, resize
-from genmask_jax.inference import model as inference
-from genmask_jax.inference import run
+from genmask_jax.data.resize import undo_resize
+from genmask_jax.evaluation import metrics, reduce, report
 from genmask_jax.models.genmask import Models
+from genmask_jax.runs.model import segmenter
 from genmask_jax.runtime import fileio, sharding
 from genmask_jax.vlm.prompts import prompt_template
 
@@ -94,7 +93,7 @@ def evaluate_split(
     if labels:
       groups.append(np.array([bool(s["source"].get(split.breakdown)) for s in samples]))
     for k in np.flatnonzero(valid)[: config.eval.num_overlays - len(overlays)]:
-      prediction = resize.undo_resize(logits[k], size[k], resized[k]) > 0
+      prediction = undo_resize(logits[k], size[k], resized[k]) > 0
       overlays.append((records.decode_image(samples[k]), masks[k], prediction))
   intersection, union, valid = (np.concatenate(a) for a in zip(*stats, strict=True))
   sums = {split.name: reduce.gather_sums(intersection, union, valid)}
@@ -117,7 +116,7 @@ def evaluate_params(
 ) -> dict[str, dict[str, float]]:
   """Evaluates every split of `config.eval.splits`; writes results.json, each split's
   per-sample IoUs and overlay grids."""
-  segment_fn = inference.segmenter(models, config)
+  segment_fn = segmenter(models, config)
   per_split, overlays, per_sample = {}, {}, {}
   for split in map(ml_collections.ConfigDict, config.eval.splits):
     sums, samples, per_sample[split.name] = evaluate_split(
@@ -134,22 +133,3 @@ def evaluate_params(
     report.write_overlay_grids(overlays, out_dir, tile=config.eval.overlay_tile)
     logging.info("wrote %s", out_dir)
   return results
-
-
-def evaluate_run(trained: run.Run, out_dir: str) -> Mapping[str, Mapping[str, float]]:
-  """Evaluates an opened run (genmask_jax/inference/run.py) on its config's splits."""
-  with trained.activate():
-    return evaluate_params(
-      trained.models, trained.params, trained.vae_params, trained.config, trained.mesh, out_dir
-    )
-
-
-def evaluate(
-  config: ml_collections.ConfigDict | None,
-  workdir: str,
-  overrides: Sequence[str] = (),
-) -> Mapping[str, Mapping[str, float]]:
-  """`--mode=eval`: the latest checkpoint under `workdir` (or `config.init.weights`), with the
-  run's config unless `config` is given, `overrides` on top (checked against the run)."""
-  trained = run.open_run(workdir, overrides, config)
-  return evaluate_run(trained, os.path.join(workdir, "eval"))

@@ -22,10 +22,34 @@ from jax.experimental import multihost_utils
 
 from genmask_jax.data.masks import IGNORE
 from genmask_jax.data.masks import VALUES as MASK_VALUES
-from genmask_jax.evaluation import metrics, resize
+from genmask_jax.data.resize import undo_resize
+from genmask_jax.evaluation import metrics
 from genmask_jax.runtime import sharding
 
 INT32_LIMIT = 2**31
+
+
+def undo_resize_padded(
+  logits: jax.Array, original_hw: jax.Array, resized_hw: jax.Array, out_hw: Sequence[int]
+) -> jax.Array:
+  """Logits (B, S, S), sizes (B, 2) int -> logits (B, H, W) float32 with sample b's
+  original-size logits in the top-left (h_b, w_b) block; what lies outside is unspecified."""
+  square = logits.shape[-1]
+  if logits.ndim != 3 or logits.shape[1] != square:
+    raise ValueError(f"logits must be (B, S, S), got shape {logits.shape}")
+
+  def one(x, hw, rhw):
+    # Repeat the last valid row/column over the padding, so interpolating at the valid
+    # block's edge clamps like cropping does instead of blending in padded logits.
+    rows = jnp.minimum(jnp.arange(square), rhw[0] - 1)
+    cols = jnp.minimum(jnp.arange(square), rhw[1] - 1)
+    x = x[rows][:, cols].astype(jnp.float32)
+    scale = hw.astype(jnp.float32) / rhw.astype(jnp.float32)
+    return jax.image.scale_and_translate(
+      x, tuple(out_hw), (0, 1), scale, jnp.zeros(2), "linear", antialias=False
+    )
+
+  return jax.vmap(one)(logits, original_hw, resized_hw)
 
 
 def batch_sums(
@@ -41,7 +65,7 @@ def batch_sums(
   # Counts are int32 on device; the host widens the per-batch sums.
   if 10 * height * width >= INT32_LIMIT or batch * height * width >= INT32_LIMIT:
     raise ValueError(f"ground truth batch {gt.shape} is too large for int32 pixel counts")
-  logits = resize.undo_resize_padded(logits, original_hw, resized_hw, (height, width))
+  logits = undo_resize_padded(logits, original_hw, resized_hw, (height, width))
   # Pixels outside each original image are ignored, whatever the padding value.
   inside = (jnp.arange(height)[None, :, None] < original_hw[:, 0, None, None]) & (
     jnp.arange(width)[None, None, :] < original_hw[:, 1, None, None]
@@ -94,7 +118,7 @@ def stats_at_original(
       raise ValueError(
         f"{name}: mask values must be one of {MASK_VALUES}, found {np.unique(gt[bad])}"
       )
-    pred = resize.undo_resize(logits[k], original_hw[k], resized_hw[k]) > 0
+    pred = undo_resize(logits[k], original_hw[k], resized_hw[k]) > 0
     intersection[k], union[k] = metrics.intersection_union(pred, gt)
   return intersection, union
 

@@ -74,6 +74,8 @@ def compile_step(step: Step, chips: int, hbm_bytes: int) -> StepReport:
   lowered = step.lower()
   try:
     # A program for compile-only devices cannot be loaded back: keep it out of JAX's cache.
+    # (JAX decides once per process, at its first compilation: a process that compiled for its
+    # own devices with the cache on tries the cache, fails to load and compiles.)
     with jax_config.enable_compilation_cache(False):
       compiled = lowered.compile()
   except Exception as e:  # noqa: BLE001 - XLA raises its own error types; all mean "no program".

@@ -18,12 +18,12 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
+from genmask_jax.data import tasks
 from genmask_jax.data.preprocess import TEXT_DTYPES
-from genmask_jax.diffusion import tasks
-from genmask_jax.inference import model as inference
 from genmask_jax.models import attention, flops
 from genmask_jax.models.genmask import Models
 from genmask_jax.models.vae import spatial_stride
+from genmask_jax.runs import model as run_model
 from genmask_jax.runtime import sharding
 from genmask_jax.training import train
 from genmask_jax.training.optimizer import make_optimizer
@@ -76,7 +76,7 @@ def train_batch(config: ml_collections.ConfigDict, mesh, batch: dict[str, int]) 
   return out
 
 
-def _key(mesh) -> jax.ShapeDtypeStruct:
+def abstract_key(mesh) -> jax.ShapeDtypeStruct:
   key = jax.eval_shape(lambda: jax.random.key(0))
   return jax.ShapeDtypeStruct(key.shape, key.dtype, sharding=sharding.replicated(mesh))
 
@@ -113,7 +113,7 @@ def train_step(config: ml_collections.ConfigDict, mesh, rules) -> Step:
       "state": (state,),
       "vae": (vae,),
       "batch": (train_batch(config, mesh, sizes),),
-      "rng": (_key(mesh),),
+      "rng": (abstract_key(mesh),),
     },
     flops.train_step_flops(config, segmentation, generation, resolution, encodes),
     flops.train_step_recompute_flops(
@@ -138,7 +138,7 @@ def segment_step(config: ml_collections.ConfigDict, mesh, rules, batch: int) -> 
   )
   return Step(
     "segment",
-    inference.segmenter(models, config),
+    run_model.segmenter(models, config),
     {"state": (params,), "vae": (vae,), "batch": tuple(_batch_arrays(mesh, shapes).values())},
     batch * per_image,
   )
@@ -154,15 +154,16 @@ def generate_step(config: ml_collections.ConfigDict, mesh, rules, batch: int) ->
   dit = flops.dit_forward_flops(config.dit, n, n, config.data.text_len)
   guided = 2 if config.generate.guidance_scale != 1 else 1
   per_prompt = config.generate.num_steps * guided * dit
+  side = resolution // spatial_stride(config.vae.dim_mult)
+  noise = {"noise": ((batch, 1, side, side, config.vae.z_dim), jnp.float32)}
   scale = jax.ShapeDtypeStruct((), jnp.float32, sharding=sharding.replicated(mesh))
   return Step(
     "generate",
-    inference.generator(models, config, resolution),
+    run_model.generator(models, config),
     {
       "state": (params,),
       "vae": (vae,),
-      "rng": (_key(mesh),),
-      "batch": tuple(_batch_arrays(mesh, _text(config, batch)).values()),
+      "batch": tuple(_batch_arrays(mesh, noise | _text(config, batch)).values()),
       "guidance": (scale,),
     },
     batch * (per_prompt + flops.vae_decode_flops(config.vae, resolution)),

@@ -1,6 +1,7 @@
 """The WAN-2.1 diffusion transformer, with GenMask's per-token timesteps and condition tokens.
 
-Math follows WAN-2.1 (`wan/modules/model.py`) exactly; see reference/wan21_port_facts.md.
+Math follows WAN-2.1 (`wan/modules/model.py`) exactly (tests/test_dit.py checks it against
+diffusers' WanTransformer3DModel).
 Additions: timesteps per token (the WAN-2.2 way), clean condition tokens appended after the
 noisy ones (timestep 0, their own RoPE frame, outputs dropped), and an optional key mask
 for the text. Latents are channels-last: (B, F, H, W, C).

@@ -8,13 +8,11 @@ Modules only; parameters live in plain pytrees held by the caller:
 from __future__ import annotations
 
 import dataclasses
-from typing import Any
 
 import jax
 import jax.numpy as jnp
 import ml_collections
 
-from genmask_jax.conversion import weights
 from genmask_jax.data.masks import image_to_mask_logits
 from genmask_jax.diffusion.mask_decoders import LinearMaskHead
 from genmask_jax.models.dit import WanDiT
@@ -86,20 +84,3 @@ class Models:
 
   def abstract_vae_params(self) -> dict:
     return jax.eval_shape(lambda: self.init_vae_params(jax.random.key(0)))
-
-
-def vae_init_seed(config: ml_collections.ConfigDict) -> int | None:
-  """The seed of the frozen VAE's random initialization; None when it has converted weights."""
-  return None if config.init.vae_weights else config.seed + 1
-
-
-def frozen_vae_params(models: Models, config: ml_collections.ConfigDict, mesh, rules) -> Any:
-  """The VAE's parameters in their shardings: converted weights (`config.init.vae_weights`)
-  or, when empty, a seeded random initialization (`vae_init_seed`)."""
-  abstract, shardings = sharding.abstract_with_shardings(models.abstract_vae_params(), mesh, rules)
-  if config.init.vae_weights:
-    return weights.restore(config.init.vae_weights, "vae", abstract)
-  init = jax.jit(
-    lambda rng: sharding.strip_axis_names(models.init_vae_params(rng)), out_shardings=shardings
-  )
-  return init(jax.random.key(vae_init_seed(config)))

@@ -3,7 +3,8 @@
 WAN's VAE is a causal 3D network. For one frame every causal conv sees two zero frames in
 front of the data, so only the last temporal tap of its kernel contributes: the conv is exactly
 a 2D conv with that tap. The temporal resample convs never run for the first (here: only) chunk.
-This module is that 2D network, exact for images; see reference/wan21_port_facts.md section 3.
+This module is that 2D network, exact for images (WAN-2.1's `wan/modules/vae.py`;
+tests/test_vae.py checks it against diffusers' AutoencoderKLWan).
 
 Images are (B, H, W, 3) in [-1, 1] with H and W multiples of the spatial stride s (8 for WAN's
 four stages, `2 ** (len(dim_mult) - 1)` in general); latents are (B, H/s, W/s, z_dim), normalized

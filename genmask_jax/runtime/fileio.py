@@ -42,7 +42,7 @@ INSTALL_HINT = "pip install -r requirements-train.txt (gcsfs, google-cloud-stora
 CREDENTIALS_HINT = (
   "set up Google Cloud credentials (on a TPU VM the service account is used; elsewhere "
   "`gcloud auth application-default login` or GOOGLE_APPLICATION_CREDENTIALS=key.json; for a "
-  "local emulator, the variables of genmask_jax.runtime.gcs_emulator)"
+  "local emulator, the variables launch/gcs_emulator.py prints)"
 )
 
 

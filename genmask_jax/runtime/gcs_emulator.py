@@ -1,7 +1,7 @@
 """A real GCS API server on 127.0.0.1 (fake-gcs-server, in memory) and the environment that
 points every client of the project at it: tests, benchmarks and trials without a bucket.
 
-  python -m genmask_jax.runtime.gcs_emulator --bucket=my-bucket   # prints the variables, serves
+  python -m launch.gcs_emulator --bucket=my-bucket   # prints the variables, serves
 
 Every client reads its own variable (set them before the clients are imported, in the
 processes that talk to the emulator): gcsfs and google-cloud-storage `STORAGE_EMULATOR_HOST`;
@@ -130,19 +130,3 @@ def apply(env: Mapping[str, str]) -> None:
   """Sets `env` in this process (and its future children) and drops cached storage clients."""
   os.environ.update(env)
   fileio.reset_clients()
-
-
-if __name__ == "__main__":
-  import argparse
-
-  parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-  parser.add_argument("--bucket", action="append", default=[], help="Buckets to create.")
-  args = parser.parse_args()
-  with Emulator() as gcs:
-    for bucket in args.bucket:
-      gcs.create_bucket(bucket)
-    print("\n".join(f"export {k}={v}" for k, v in gcs.env.items()), flush=True)
-    try:
-      gcs.process.wait()
-    except KeyboardInterrupt:
-      pass

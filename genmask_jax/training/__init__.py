@@ -1,2 +1,2 @@
-"""Training: the sharded train step and loop, optimizer, checkpoints, metrics output,
-preemption, and the demo's VAE pre-training."""
+"""Training: the sharded train step and loop (`train`), optimizer, metrics output, preemption,
+the latent-precompute stage (`precompute_latents`) and the demo's VAE training."""

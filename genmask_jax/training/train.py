@@ -24,15 +24,14 @@ from absl import logging
 from flax import struct
 
 from genmask_jax.conversion import weights
-from genmask_jax.data import encode_latents, latents
+from genmask_jax.data import latents, tasks
 from genmask_jax.data.masks import mask_to_image
-from genmask_jax.data.records import TASKS
-from genmask_jax.diffusion import losses, tasks
+from genmask_jax.diffusion import losses
 from genmask_jax.evaluation import evaluate
-from genmask_jax.inference import run
-from genmask_jax.models.genmask import Models, frozen_vae_params
+from genmask_jax.models.genmask import Models
+from genmask_jax.runs import checkpoints, model, record
 from genmask_jax.runtime import compile_cache, distributed, sharding
-from genmask_jax.training import checkpointing, preemption
+from genmask_jax.training import preemption
 from genmask_jax.training.metric_writer import MetricWriter
 from genmask_jax.training.optimizer import ema_update, learning_rate, make_optimizer
 
@@ -226,8 +225,8 @@ def device_batch(host_batch: dict[str, dict[str, np.ndarray]], mesh) -> dict:
 
 def check_latent_stores(config: ml_collections.ConfigDict, vae_fingerprint: str) -> None:
   """Refuses latent stores that another VAE (or VAE config) than this run's encoded."""
-  for path in [s["latents"] for t in TASKS for s in config.data[t].sources if s.get("latents")]:
-    latents.check_vae(path, vae_fingerprint)
+  for _, source in latents.latent_sources(config.data):
+    latents.check_vae(source["latents"], vae_fingerprint)
 
 
 def check_finite(step: int, metrics: dict[str, float]) -> None:
@@ -269,7 +268,7 @@ def train(
 
   with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
     abstract, shardings = abstract_train_state(models, config, optimizer, mesh, rules)
-    ckpt = checkpointing.TrainCheckpoints(
+    ckpt = checkpoints.TrainCheckpoints(
       os.path.join(workdir, "checkpoints"),
       keep=config.checkpoint.keep,
       every=config.checkpoint.every,
@@ -278,9 +277,9 @@ def train(
     latest = ckpt.latest_step()
     # A resume trains the model the run holds: other model fields are refused by name here,
     # before Orbax fails on the parameters' layout (or, for the VAE, silently does not).
-    recorded = run.read_record(workdir) if latest is not None else None
+    recorded = record.read_record(workdir) if latest is not None else None
     if recorded is not None:
-      run.check_config(recorded, config, workdir)
+      record.check_config(recorded, config, workdir)
     if latest is None:
       source = config.init.weights or f"a random initialization (seed {config.seed})"
       logging.info("starting at step 0; DiT weights from %s", source)
@@ -288,20 +287,20 @@ def train(
     else:
       logging.info("resuming from step %d", latest)
       state = ckpt.restore(latest, abstract, batches)
-    frozen_vae = frozen_vae_params(models, config, mesh, rules)
-    fingerprint = encode_latents.vae_fingerprint(models.vae, frozen_vae)
-    vae = run.describe_vae(run.vae_identity(config, fingerprint))
+    frozen_vae = model.frozen_vae_params(models, config, mesh, rules)
+    fingerprint = model.vae_fingerprint(models.vae, frozen_vae)
+    vae = model.describe_vae(model.vae_identity(config, fingerprint))
     logging.info("frozen VAE: %s (fingerprint %s)", vae, fingerprint[:12])
     if recorded is not None:
-      run.check_vae(recorded, config, fingerprint, workdir)
+      record.check_vae(recorded, config, fingerprint, workdir)
     check_latent_stores(config, fingerprint)
-    # What inference needs to rebuild this model (genmask_jax/inference/run.py).
+    # What evaluation and inference need to rebuild this model (genmask_jax/runs/record.py).
     if jax.process_index() == 0:
-      run.write_record(workdir, run.training_record(config, fingerprint))
+      record.write_record(workdir, record.training_record(config, fingerprint))
     step_fn = compile_train_step(models, config, optimizer, shardings, mesh)
     rng = jax.random.key(config.seed + 2)
-    tasks = 1 + bool(config.data.generation.sources)
-    samples_per_step = tasks * config.data.segmentation.global_batch_size
+    num_tasks = 1 + bool(config.data.generation.sources)
+    samples_per_step = num_tasks * config.data.segmentation.global_batch_size
     logging.info(
       "global batch: %d samples per step (%d per task, %d processes)",
       samples_per_step,

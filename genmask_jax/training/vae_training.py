@@ -11,6 +11,8 @@ import numpy as np
 import optax
 from absl import logging
 
+from genmask_jax.data import preprocess, records
+from genmask_jax.data.masks import mask_to_image
 from genmask_jax.models.vae import WanVAE, spatial_stride
 from genmask_jax.runtime.sharding import strip_axis_names
 
@@ -77,3 +79,20 @@ def latent_statistics(
   )
   flat = latents.reshape(-1, latents.shape[-1])
   return flat.mean(0).tolist(), flat.std(0).tolist()
+
+
+def training_images(records_dir: str) -> tuple[np.ndarray, np.ndarray]:
+  """All images and masks of a segmentation store as [-1, 1] arrays (N, H, W, 3)."""
+  reader = records.RecordReader(records_dir)
+  images = np.stack([records.decode_image(reader[i]) for i in range(len(reader))])
+  masks = np.stack([records.decode_mask(reader[i]) for i in range(len(reader))])
+  return images.astype(np.float32) / 127.5 - 1, np.asarray(mask_to_image(masks))
+
+
+def round_trip(vae: WanVAE, vae_params: Any, images: np.ndarray) -> np.ndarray:
+  """uint8 images encoded and decoded by the VAE: the best a generated image can be."""
+  apply = lambda x, method: vae.apply({"params": vae_params}, x, method=method)
+  decoded = jax.jit(lambda x: apply(apply(x, WanVAE.encode), WanVAE.decode))(
+    images.astype(np.float32) / 127.5 - 1
+  )
+  return preprocess.to_uint8(decoded)

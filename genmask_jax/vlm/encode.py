@@ -23,8 +23,9 @@ from transformers import (
   Qwen2_5_VLProcessor,
 )
 
-from genmask_jax.data.features import FeatureItem
-from genmask_jax.data.records import TASKS, decode_image
+from genmask_jax.data import tasks
+from genmask_jax.data.features import FeatureItem, FeatureWriter
+from genmask_jax.data.records import decode_image
 from genmask_jax.vlm import image_policy, prompts
 from genmask_jax.vlm.image_policy import ImagePolicy
 
@@ -147,8 +148,8 @@ def encode_samples(
   segmentation samples as their image (through `policy`) and instruction, the target first
   rewritten by the VLM in reasoning mode; generation samples as the caption alone."""
   for s in samples:
-    if s["task"] not in TASKS:
-      raise ValueError(f"sample {s['id']!r}: task {s['task']!r} is not one of {TASKS}")
+    if s["task"] not in tasks.NAMES:
+      raise ValueError(f"sample {s['id']!r}: task {s['task']!r} is not one of {tasks.NAMES}")
   texts = [s["text"] for s in samples]
   seg = [i for i, s in enumerate(samples) if s["task"] == "segmentation"]
   if reasoning and seg:
@@ -163,3 +164,27 @@ def encode_samples(
   ]
   hidden = encode_prompts(model, processor, batch, policy.max_pixels)
   return [FeatureItem(s["id"], t, h) for s, t, h in zip(samples, texts, hidden, strict=True)]
+
+
+def precompute(
+  model,
+  processor,
+  samples: Sequence[dict],
+  writer: FeatureWriter,
+  batch_size: int,
+  **encode_kwargs,
+) -> bool:
+  """Writes this worker's pending shards; returns whether the whole store is now complete.
+
+  Images go through the image policy the store's metadata records. Batches never cross shard
+  boundaries, so a resumed run computes exactly what an uninterrupted one would have.
+  """
+  policy = image_policy.from_record(writer.meta.image_policy)
+  for shard, start, stop in writer.pending_shards():
+    items = []
+    for b in range(start, stop, batch_size):
+      batch = [samples[i] for i in range(b, min(b + batch_size, stop))]
+      items += encode_samples(model, processor, batch, policy=policy, **encode_kwargs)
+    writer.write_shard(shard, items)
+    logging.info("%s: wrote shard %d (samples %d..%d)", writer.path, shard, start, stop - 1)
+  return writer.finalize()

@@ -42,6 +42,6 @@ DEFAULT = ImagePolicy()
 
 
 def from_record(record: Mapping[str, Any] | None) -> ImagePolicy:
-  """The policy a store or run recorded; one that recorded none (written before policies were
-  recorded) used the defaults of launch/precompute_vlm.py."""
-  return ImagePolicy(**record) if record else DEFAULT
+  """The policy a store or run recorded; None (converted weights without a run, whose
+  features are unknown) gives the defaults of launch/precompute_vlm.py."""
+  return ImagePolicy(**record) if record is not None else DEFAULT

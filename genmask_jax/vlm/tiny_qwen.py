@@ -5,12 +5,11 @@ The directory loads like a real one: `Qwen2_5_VLForConditionalGeneration.from_pr
 is a byte-level BPE trained here with `tokenizers` (the Qwen2 pre-tokenizer, special tokens and
 a chat template with the Qwen2.5-VL layout), so nothing comes from the hub.
 
-  python -m genmask_jax.vlm.tiny_qwen --out /tmp/tiny_qwen
+  python -m launch.tiny_qwen --out=/tmp/tiny_qwen
 """
 
 from __future__ import annotations
 
-import argparse
 import itertools
 
 from genmask_jax.data import synthetic
@@ -191,15 +190,3 @@ def save_tiny_qwen(out_dir: str, seed: int = 0) -> str:
   tokenizer.save_pretrained(out_dir)
   image_processor().save_pretrained(out_dir)
   return out_dir
-
-
-def main() -> None:
-  parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-  parser.add_argument("--out", required=True, help="checkpoint directory to create")
-  parser.add_argument("--seed", type=int, default=0)
-  args = parser.parse_args()
-  print(save_tiny_qwen(args.out, args.seed))
-
-
-if __name__ == "__main__":
-  main()

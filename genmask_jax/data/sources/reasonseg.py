@@ -18,6 +18,12 @@ import numpy as np
 from genmask_jax.data import masks, records
 
 TEXTS = ("all", "first")  # Every query of an image, or the first (the evaluation protocol).
+SPLITS = ("train", "val", "test")  # Folders of the data set's root.
+
+
+def default_texts(split: str) -> str:
+  """Training takes every query of an image; evaluation the first, as the protocol does."""
+  return "all" if split == "train" else "first"
 
 
 def rasterize_shapes(shapes: Sequence[dict], height: int, width: int) -> np.ndarray:

@@ -76,6 +76,11 @@ def tfds_json_refs(json_path: str, dataset: str, split_by: str) -> tuple[list[di
   return refs, {int(k): v["info"] for k, v in data["coco_anns"].items()}
 
 
+def tfds_json_image_dir(json_path: str) -> str:
+  """Where TFDS's manual download keeps the COCO train2014 images: beside refcoco.json."""
+  return os.path.join(os.path.dirname(json_path), "coco_train2014")
+
+
 def sample_id(dataset: str, split_by: str, split: str, ann_id: int, sent_id: int) -> str:
   return f"{dataset}_{split_by}/{split}/ann{ann_id}/sent{sent_id}"
 

@@ -146,6 +146,27 @@ def label_map_samples(
       )
 
 
+def ade20k_samples(
+  root: str, split: str, *, classes_per_image: int = 0, seed: int = 0
+) -> Iterator[records.Sample]:
+  """ADEChallengeData2016 under `root`: objectInfo150.txt (the class names),
+  images/<split>/*.jpg and annotations/<split>/*.png (label maps); split `training` or
+  `validation`."""
+  names = ade20k_class_names(os.path.join(root, "objectInfo150.txt"))
+  files = paired_files(
+    os.path.join(root, "images", split), os.path.join(root, "annotations", split)
+  )
+  return label_map_samples(
+    "ade20k",
+    split,
+    files,
+    ade20k_classes,
+    names,
+    classes_per_image=classes_per_image,
+    seed=seed,
+  )
+
+
 def pascal_part_samples(
   json_path: str,
   image_dir: str,

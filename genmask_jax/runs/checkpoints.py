@@ -1,4 +1,7 @@
-"""Training checkpoints with Orbax: train state, per-process data-iterator state, config.
+"""A run's training checkpoints with Orbax: train state, per-process data-iterator state, config.
+
+Training saves and resumes them; evaluation and inference restore only the trained parameters
+(runs/model.py).
 
 Saves are asynchronous and atomic (Orbax finalizes a step only once every process wrote its
 shards), so a run killed at any moment restarts from the last complete step.
@@ -95,19 +98,14 @@ class TrainCheckpoints:
     saved = self.manager.item_metadata(step)["state"]
     if saved.get(item) is None:
       raise ValueError(
-        f"{self.manager.directory}/{step}: the train state holds no {item!r} (config.ema_decay "
-        "> 0 asks for the weights' moving average, which only a run trained with it keeps)"
+        f"{self.manager.directory}/{step}: the train state holds no {item!r} "
+        "(config.optimizer.ema_decay > 0 asks for the weights' moving average, which only a run "
+        "trained with it keeps)"
       )
     restored = self.manager.restore(
       step, args=ocp.args.Composite(state=_restore_args({item: abstract_params}, partial=True))
     )
     return restored.state[item]
-
-  def restore_config(self, step: int) -> dict | None:
-    """The config saved at `step` (config.to_dict()), or None if that checkpoint has none."""
-    if "config" not in self.manager.item_metadata(step):
-      return None
-    return self.manager.restore(step, args=ocp.args.Composite(config=ocp.args.JsonRestore())).config
 
   def wait(self) -> None:
     self.manager.wait_until_finished()
