@@ -17,6 +17,7 @@ from configs import data, models
 # fit?" gives the slices they were compiled for).
 MEMORY_SETTINGS = {
   "1.3b": dict(remat_policy="dots_attention", microbatches=2),
+  "14b": dict(remat_policy="dots_attention", microbatches=2),
 }
 
 
