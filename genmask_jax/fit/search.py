@@ -18,14 +18,22 @@ import ml_collections
 
 from genmask_jax.fit import check
 from genmask_jax.fit.report import StepReport
-from genmask_jax.models import flops
+from genmask_jax.models import attention, flops
 from genmask_jax.models.dit import REMAT_POLICIES
 
 POLICIES = ("none", *REMAT_POLICIES)
-# Policies by the activation memory they keep, least first (benchmarks/remat_memory.py): among
-# equal recomputation the search tries the leaner one first.
+# Policies by the activation memory they keep, least first (benchmarks/remat_memory.py, with the
+# XLA kernel): among equal recomputation the search tries the leaner one first.
 BY_MEMORY = ("full", "save_attention", "save_attention_ffn", "dots_no_batch", "dots_attention",
              "dots", "none")  # fmt: skip
+
+
+def memory_rank(policy: str, kernel: str) -> int:
+  """`policy`'s place in BY_MEMORY. A flash kernel is no dot: under "dots" it keeps what it
+  keeps under "dots_no_batch" (the XLA kernel's batched score matrices are what "dots" adds)."""
+  if policy == "dots" and kernel in attention.FLASH_KERNELS:
+    policy = "dots_no_batch"
+  return BY_MEMORY.index(policy)
 MESHES = ((1, -1, 1), (1, -1, 2), (2, -1, 1))  # (data, fsdp, tensor) per slice.
 MICROBATCHES = (1, 2, 4, 8)
 
@@ -101,7 +109,7 @@ def rows(
         recompute = flops.train_step_recompute_flops(
           candidate_config, sizes[0], sizes[1], resolution, kernel
         )
-        key = (recompute, count, m, BY_MEMORY.index(policy))
+        key = (recompute, count, m, memory_rank(policy, kernel))
         out.append((key, Row(candidate, per_shard, recompute)))
   return [row for _, row in sorted(out, key=lambda item: item[0])]
 
@@ -116,17 +124,18 @@ def search(
 ) -> Row | None:
   """Compiles `candidates` in order (each row's report is filled in) until one fits with
   `headroom` (all of them if `exhaustive`); returns that one, or None."""
+  kernel = check.kernel(config, target)
+  rank = lambda candidate: memory_rank(candidate.remat, kernel)
   choice, out_of_memory = None, []
   for row in candidates:
     c = row.candidate
     leaner = [
       o.remat
       for o in out_of_memory
-      if (o.mesh, o.microbatches) == (c.mesh, c.microbatches)
-      and BY_MEMORY.index(o.remat) <= BY_MEMORY.index(c.remat)
+      if (o.mesh, o.microbatches) == (c.mesh, c.microbatches) and rank(o) <= rank(c)
     ]
     if leaner:
-      row.skipped = f"remat {leaner[0]} keeps less and did not fit"
+      row.skipped = f"remat {leaner[0]} keeps no more and did not fit"
     else:
       (row.report,) = check.compile_for(c.apply(config), target, ("train",))
       if row.report.out_of_memory or (row.report.compiled and not row.report.fits()):

@@ -145,6 +145,8 @@ IMPLEMENTATIONS: dict[str, Callable[..., jax.Array]] = {
   "jax_xla": functools.partial(_jax_nn, implementation="xla"),
   "splash": _splash,
 }
+# Fused kernels: no score matrix, and no dot that a remat policy could keep.
+FLASH_KERNELS = ("splash", "cudnn")
 AUTO = "auto"
 FLASH_DTYPES = (jnp.bfloat16, jnp.float16)  # What cuDNN's flash attention computes in.
 
