@@ -232,21 +232,20 @@ FITTING = [
 ]
 
 
-@pytest.mark.parametrize("action", ["run", "supervise"])
+@pytest.mark.parametrize("action, dry", [("run", True), ("run", False), ("supervise", True)])
 def test_tpu_pod_refuses_a_config_that_does_not_fit_before_any_gcloud_command(
-  action, bin_dir, capsys
+  action, dry, bin_dir, capsys
 ):
   """The compile check runs in a dry run too: no gcloud command is printed, let alone run."""
   _stand_in(bin_dir, "gcloud", "")
   argv = [action, "--name=gm", *ZONE, "--accelerator_type=v5litepod-4", "--workdir=gs://b/r"]
-  for dry in (["--dry_run"], []):
-    with pytest.raises(SystemExit) as exit_:
-      tpu_pod.main(argv + OVERSIZED + dry)
-    assert exit_.value.code == 1
-    out, err = capsys.readouterr()
-    assert "gcloud" not in out.replace("--topology", "")
-    assert "does not compile or does not fit v5litepod-4" in err
-    assert "nothing was created or queued" in err
+  with pytest.raises(SystemExit) as exit_:
+    tpu_pod.main(argv + OVERSIZED + (["--dry_run"] if dry else []))
+  assert exit_.value.code == 1
+  out, err = capsys.readouterr()
+  assert "gcloud" not in out.replace("--topology", "")
+  assert "does not compile or does not fit v5litepod-4" in err
+  assert "nothing was created or queued" in err
   assert not (bin_dir / "calls.jsonl").exists()
 
 
