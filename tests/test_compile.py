@@ -57,6 +57,16 @@ def test_accelerator_names():
     accelerators.parse("h100-8")
 
 
+@pytest.mark.parametrize(
+  "name, hosts", [("v5litepod-1", 1), ("v6e-8", 1), ("v5p-8", 1), ("v5litepod-16", 4), ("v4-32", 4)]
+)
+def test_slices_have_their_hosts(name, hosts):
+  """A single-host slice (one chip, or a v6e's eight) is one process; larger ones four chips each."""
+  devices = targets.tpu_devices(accelerators.parse(name))
+  assert len(devices) == accelerators.parse(name).chips
+  assert len({d.process_index for d in devices}) == hosts
+
+
 @pytest.mark.parametrize("name", ["v4-8", "v5p-8", "v5litepod-4", "v6e-4"])
 def test_usable_hbm_is_what_the_compiler_allows(name):
   """The table's HBM per chip is the TPU compiler's: a program needing 200 GiB of temporaries

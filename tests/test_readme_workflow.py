@@ -31,11 +31,15 @@ REFCOCO_JSON = "fixtures/refcoco_tfds_dummy/refcoco.json"
 # The trial paragraph's changes: (as printed, for the trial).
 SUBSTITUTIONS = [
   (":1.3b", ":trial"),
+  (":14b", ":trial"),
   ("Wan2.1-T2V-1.3B/diffusion_pytorch_model.safetensors", "wan_trial/transformer"),
   ("Wan2.1-T2V-1.3B/Wan2.1_VAE.pth", "wan_trial/vae/diffusion_pytorch_model.safetensors"),
   ("/models/Qwen2.5-VL-7B-Instruct", "tiny_qwen"),
-  # The trial's batch of 2 does not split over a slice's chips: the compile check refuses it.
+  # The trial's batch of 2 does not split over a slice's chips: the compile check refuses it, and
+  # launch.compile compiles it for one chip.
   ("launch.tpu_pod run", "launch.tpu_pod run --skip_compile_check"),
+  ("--topology=v5p-64", "--topology=v5litepod-1"),
+  ("--topology=v6e-64", "--topology=v6e-1"),
 ]
 # Inputs the test writes, where the printed commands read them (the trial paragraph names each).
 STAND_INS = (
@@ -217,6 +221,11 @@ def check(command: str, output: str, root: str, refcoco: dict) -> None:
     count, columns = len(args["prompt"]), int(args.get("columns", [4])[0])
     rows = -(-count // columns)
     assert image_size(at(args["out"][0])) == (min(count, columns) * side, rows * side)
+  elif module == "launch.compile":
+    searched = "--search" in command
+    for step in ("train",) if searched else ("train", "segment", "generate", "vae_encode"):
+      assert re.search(rf"^(.* )?{step} .* yes ", output, re.M), f"{step} does not fit:\n{output}"
+    assert "choice: " in output or not searched
   elif module in ("launch.tpu_pod", "launch.slurm_gpu"):
     assert "genmask_jax.main" in output or "launch.precompute" in output
   else:

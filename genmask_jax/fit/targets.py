@@ -26,6 +26,7 @@ def tpu_devices(accelerator: Accelerator, num_slices: int = 1) -> list[Any]:
     platform="tpu",
     topology_name=accelerator.topology,
     chip_config_name=accelerator.chip_config,
+    chips_per_host_bounds=accelerator.host_layout,
     num_slices=num_slices,
   )
   return list(topology.devices)

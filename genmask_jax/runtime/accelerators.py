@@ -86,6 +86,11 @@ class Accelerator:
     return self.chips // self.hosts
 
   @property
+  def host_layout(self) -> tuple[int, int, int]:
+    """The chips of one host as libtpu lays them out: a single-host slice's are all of its chips."""
+    return (*(self.layout if self.hosts == 1 else (2, 2)), 1, 1)[:3]
+
+  @property
   def chip_config(self) -> str:
     """libtpu's chip configuration: a two-core chip is one device ("megacore")."""
     return "megacore" if self.family.cores_per_chip == 2 else "default"
