@@ -27,6 +27,8 @@ import os
 # This process only compiles: no backend of this host's accelerators is needed, and none may
 # claim them (a training job may be running on them).
 os.environ["JAX_PLATFORMS"] = "cpu"
+# A compile-only executable cannot be loaded back: keep it out of a persistent cache.
+os.environ["JAX_ENABLE_COMPILATION_CACHE"] = "false"
 
 import sys  # noqa: E402
 from collections.abc import Sequence  # noqa: E402
