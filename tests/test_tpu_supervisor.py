@@ -4,6 +4,7 @@
 import contextlib
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -119,9 +120,10 @@ def test_sigterm_checkpoints_the_current_step_and_exits_0(root, reference, tmp_p
 
 
 class FakeCloud:
-  """tests/fake_gcloud.py as `gcloud` on PATH, with its state folder."""
+  """tests/fake_gcloud.py as `gcloud` on PATH, with its state folder; `faults`, `creates` and
+  `install_failures` as its docstring describes them."""
 
-  def __init__(self, tmp_path, preemptions: int, mode: str = "checkpoint"):
+  def __init__(self, tmp_path, faults=(), creates=(), install_failures: int = 0, env=None):
     self.dir = tmp_path / "cloud"
     bin_dir = tmp_path / "bin"
     for folder in (self.dir, bin_dir):
@@ -131,12 +133,13 @@ class FakeCloud:
     gcloud.write_text(f'#!/bin/sh\nexec "{sys.executable}" "{script}" "$@"\n')
     gcloud.chmod(0o755)
     self.env = dict(
-      ENV,
+      env or ENV,
       PATH=f"{bin_dir}{os.pathsep}{os.environ['PATH']}",
       FAKE_GCLOUD_DIR=str(self.dir),
       FAKE_GCLOUD_CHECKOUT=commands.PROJECT_ROOT,
-      FAKE_GCLOUD_PREEMPTIONS=str(preemptions),
-      FAKE_GCLOUD_PREEMPT=mode,
+      FAKE_GCLOUD_FAULTS=json.dumps(list(faults)),
+      FAKE_GCLOUD_CREATES=json.dumps(list(creates)),
+      FAKE_GCLOUD_INSTALL_FAILURES=str(install_failures),
       TMPDIR=str(tmp_path),  # The upload's local tarball.
     )
 
@@ -147,19 +150,27 @@ class FakeCloud:
   def verbs(self) -> list[str]:
     return [c[3] for c in self.state()["calls"]]
 
+  def log(self, worker: int) -> str:
+    return (self.dir / "home" / str(worker) / "genmask-jax-train.log").read_text()
+
   def kill_all(self) -> None:
-    """Every process the fake started (trainings, preemptors), by pid, if still ours."""
+    """Every process the fake started (trainings, fault injectors), by pid, if still ours."""
     if not (self.dir / "state.json").exists():
       return
     pids = list(self.state()["pids"])
-    with contextlib.suppress(OSError, ValueError):
-      pids.append(int((self.dir / "home" / "genmask-jax-train.pid").read_text()))
+    for pid_file in (self.dir / "home").glob("*/genmask-jax-train.pid"):
+      with contextlib.suppress(OSError, ValueError):
+        pids.append(int(pid_file.read_text()))
     for pid in pids:
       with contextlib.suppress(OSError):
         with open(f"/proc/{pid}/cmdline", "rb") as f:
           cmdline = f.read()
         if b"genmask_jax.main" in cmdline or b"fake_gcloud.py" in cmdline:
           os.kill(pid, signal.SIGKILL)
+
+
+NOTICE_AT_CHECKPOINT = {"kind": "notice", "when": "checkpoint"}
+NOTICE_AT_START = {"kind": "notice", "when": "start"}
 
 
 @pytest.fixture
@@ -171,7 +182,8 @@ def source(tmp_path):
   return src
 
 
-def supervise_argv(root, workdir, source, *extra: str) -> list[str]:
+def supervise_argv(root, workdir, source, *extra: str, accelerator="v5p-8") -> list[str]:
+  """The supervisor's command; v5p-8 is one host, v5p-16 two (two JAX processes)."""
   return [
     sys.executable,
     "-m",
@@ -181,7 +193,7 @@ def supervise_argv(root, workdir, source, *extra: str) -> list[str]:
     "--zone=us-east5-a",
     "--queued",
     "--spot",
-    "--accelerator_type=v5p-8",
+    f"--accelerator_type={accelerator}",
     f"--config=tests/train_config.py:{root}",
     f"--workdir={workdir}",
     f"--source_dir={source}",
@@ -203,7 +215,7 @@ def supervisor_state(workdir) -> dict:
 @pytest.mark.slow
 @pytest.mark.xdist_group("heavy")
 def test_supervisor_survives_two_preemptions_and_its_own_restart(root, reference, source, tmp_path):
-  cloud = FakeCloud(tmp_path, preemptions=2)
+  cloud = FakeCloud(tmp_path, faults=[NOTICE_AT_CHECKPOINT] * 2)
   workdir = str(tmp_path / "run")
   argv = supervise_argv(root, workdir, source, "--max_restarts=3")
   first = second = None
@@ -233,9 +245,9 @@ def test_supervisor_survives_two_preemptions_and_its_own_restart(root, reference
   fake = cloud.state()
   assert fake["starts"] == 3  # The second supervisor re-attached: no second training.
   assert cloud.verbs().count("create") == 3
-  assert [p["exit"] for p in fake["preemptions"]] == [0, 0]  # Each checkpointed on SIGTERM.
-  assert not any(p["killed_after_grace"] for p in fake["preemptions"])
-  assert fake["slice"] == "NONE" and cloud.verbs()[-1] == "delete"
+  assert [f["exits"] for f in fake["faults"]] == [[0], [0]]  # Each checkpointed on SIGTERM.
+  assert not any(f["killed_after_grace"] for f in fake["faults"])
+  assert fake["slice"] == "NONE" and cloud.verbs()[-2:] == ["delete", "describe"]
   state = supervisor_state(workdir)
   assert state["phase"] == "finished" and state["restarts"] == 2
   events = [e["event"] for e in state["events"]]
@@ -276,7 +288,7 @@ def run_supervisor(cloud, argv: list[str]) -> subprocess.CompletedProcess:
 
 def test_supervisor_gives_up_after_max_restarts(root, source, tmp_path):
   """Preempted at every start: one restart, then a clear stop; the slice is deleted."""
-  cloud = FakeCloud(tmp_path, preemptions=5, mode="start")
+  cloud = FakeCloud(tmp_path, faults=[NOTICE_AT_START] * 5)
   workdir = str(tmp_path / "run")
   argv = supervise_argv(root, workdir, source, "--max_restarts=1")
   result = run_supervisor(cloud, argv)
@@ -285,23 +297,34 @@ def test_supervisor_gives_up_after_max_restarts(root, source, tmp_path):
     result.stderr
   )
   assert cloud.state()["starts"] == 2 and cloud.verbs().count("create") == 2
-  assert cloud.state()["slice"] == "NONE" and cloud.verbs()[-1] == "delete"
+  # Deleted, and supervisor.json says so (it asked after the delete) and that it ended.
+  assert cloud.state()["slice"] == "NONE" and cloud.verbs()[-2:] == ["delete", "describe"]
   state = supervisor_state(workdir)
   assert state["phase"] == "failed" and state["restarts"] == 1
+  assert state["slice"] == "NOT_FOUND" and not state["supervisor"]["running"]
 
 
 def test_supervisor_stops_when_training_fails_again_without_progress(root, source, tmp_path):
-  """A crash (here: a config key that does not exist) is retried once, not --max_restarts times."""
-  cloud = FakeCloud(tmp_path, preemptions=0)
+  """A crash on two workers (here: a config key that does not exist) is retried once, not
+  --max_restarts times."""
+  cloud = FakeCloud(tmp_path)
   workdir = str(tmp_path / "run")
-  argv = supervise_argv(root, workdir, source, "--max_restarts=5", "--config_overrides=nope=1")
+  argv = supervise_argv(
+    root, workdir, source, "--max_restarts=5", "--config_overrides=nope=1", accelerator="v5p-16"
+  )
   result = run_supervisor(cloud, argv)
   assert result.returncode == 1, result.stderr[-3000:]
-  assert "gave up: training exited 1 on a worker again, without progress: see `logs`" in (
-    result.stderr
+  # Each time, the first worker to fail is named (with its peer, if it had failed by then).
+  assert re.search(
+    r"gave up: training failed on its own before the first checkpoint, again without a new "
+    r"checkpoint in between: fake-w-[01] exited 1.*; a rebuild would fail the same way: fix what "
+    r"`logs` shows, then the same command resumes from the last checkpoint \(last checkpoint: "
+    r"none yet\)",
+    result.stderr,
   )
-  assert cloud.state()["starts"] == 2 and supervisor_state(workdir)["restarts"] == 1
-  assert "nope" in (tmp_path / "cloud" / "home" / "genmask-jax-train.log").read_text()
+  assert cloud.state()["workers"] == 2 and cloud.state()["starts"] == 2
+  assert supervisor_state(workdir)["restarts"] == 1
+  assert "nope" in cloud.log(0) and "nope" in cloud.log(1)
 
 
 def _lines(capsys) -> list[str]:
@@ -342,8 +365,13 @@ def test_supervise_dry_run_shows_one_cycle(source, capsys):
   assert (
     len(start) == 1 and "(nohup sh -c" in start[0] and "> ../genmask-jax-train.exit" in start[0]
   )
-  assert "# state: gs://b/run/supervisor.json; progress: gs://b/run/checkpoints" in lines[0]
+  assert lines[0].startswith(
+    "# state: gs://b/run/supervisor.json; lease: gs://b/run/supervisor.lease; progress: "
+    "gs://b/run/checkpoints"
+  )
   assert any("at most 4 times" in line for line in lines)
+  assert any("(queued: no limit; other states: 60 min, then a rebuild)" in line for line in lines)
+  assert any("an install that fails is retried at most 6 times" in line for line in lines)
 
 
 def test_install_mounts_the_data_bucket_read_only(source, capsys):
