@@ -190,7 +190,7 @@ def _timeout_s(minutes: float) -> float | None:
 def _failure(e: subprocess.SubprocessError) -> str:
   """A failed command in a few words: its first arguments and how it failed."""
   cmd = e.cmd if isinstance(e.cmd, list) else [str(e.cmd)]
-  words = shlex.join(cmd[:6]) + (" ..." if len(cmd) > 6 else "")
+  words = shlex.join(cmd[:7]) + (" ..." if len(cmd) > 7 else "")
   if isinstance(e, subprocess.TimeoutExpired):
     return f"{words} ran past {e.timeout:g} s"
   return f"{words} exited {e.returncode}"

@@ -193,18 +193,21 @@ def ssh(rest: list[str]) -> None:
       fail(f"ssh: the slice is {state['slice']}", 255)
     workers = state["workers"]
     chosen = list(range(workers)) if which == "all" else [int(which)]
-    if "uv pip install" in command:
+    installing = "uv pip install" in command
+    if installing:
       state["installs"] += 1
-      if state["installs"] <= int(os.environ.get("FAKE_GCLOUD_INSTALL_FAILURES", "0")):
-        print("error: Failed to fetch: `https://pypi.org/simple/jax/` (503)", file=sys.stderr)
-        sys.exit(1)
-      for worker in chosen:
-        install(os.environ["FAKE_GCLOUD_CHECKOUT"], os.path.join(home(worker), "genmask-jax"))
-      return
+      index_down = state["installs"] <= int(os.environ.get("FAKE_GCLOUD_INSTALL_FAILURES", "0"))
     start = "genmask_jax.main" in command
     if start:
       state["starts"] += 1
     unreachable = set(state["unreachable"])
+  if installing:
+    if index_down:
+      print("error: Failed to fetch: `https://pypi.org/simple/jax/` (503)", file=sys.stderr)
+      sys.exit(1)
+    for worker in chosen:
+      install(os.environ["FAKE_GCLOUD_CHECKOUT"], os.path.join(home(worker), "genmask-jax"))
+    return
   port = free_port()
 
   def run(worker: int) -> tuple[int, str, str]:

@@ -20,7 +20,7 @@ from training_data import make_stores
 from genmask_jax.models.genmask import Models
 from genmask_jax.runs import checkpoints
 from genmask_jax.runtime import sharding
-from launch import commands, tpu_pod
+from launch import commands, tpu_pod, tpu_supervisor, tpu_vm
 
 ENV = dict(os.environ, PYTHONPATH=".:tests", JAX_PLATFORMS="cpu", XLA_FLAGS=fake_devices(8))
 HANG_GUARD_S = 400  # Only against hangs: nothing here is timed.
@@ -147,6 +147,12 @@ class FakeCloud:
     with open(self.dir / "state.json") as f:
       return json.load(f)
 
+  def update(self, **changes) -> None:
+    """Changes the fake's state, e.g. unreachable=[1]: worker 1's ssh fails from now on."""
+    state = self.state()
+    state.update(changes)
+    (self.dir / "state.json").write_text(json.dumps(state))
+
   def verbs(self) -> list[str]:
     return [c[3] for c in self.state()["calls"]]
 
@@ -271,8 +277,9 @@ def test_supervisor_survives_two_preemptions_and_its_own_restart(root, reference
   assert "restarts:    2 of at most 3" in out and "eta:         0.0 h" in out
 
 
-def run_supervisor(cloud, argv: list[str]) -> subprocess.CompletedProcess:
-  """Runs the supervisor to its end; every process of the fake cloud is killed afterwards."""
+def run_supervisor(cloud, argv: list[str], timeout: float = HANG_GUARD_S):
+  """Runs the supervisor to its end (a CompletedProcess); every process of the fake cloud is
+  killed afterwards."""
   try:
     return subprocess.run(
       argv,
@@ -280,7 +287,7 @@ def run_supervisor(cloud, argv: list[str]) -> subprocess.CompletedProcess:
       cwd=commands.PROJECT_ROOT,
       capture_output=True,
       text=True,
-      timeout=HANG_GUARD_S,
+      timeout=timeout,
     )
   finally:
     cloud.kill_all()
@@ -395,3 +402,225 @@ def test_install_mounts_the_data_bucket_read_only(source, capsys):
     " --type-cache-max-size-mb=-1 --stat-cache-max-size-mb=-1 --metadata-cache-ttl-secs=-1"
     " --kernel-list-cache-ttl-secs=-1 my-data /tmp/data; }'"
   )
+
+
+# --- faults on a slice of two workers ----------------------------------------------------------
+
+# Worker 0's host dies once both trainings have joined jax.distributed: worker 1 then aborts
+# ("JAX distributed service detected fatal errors", exit 134), as its peer on Cloud TPU does.
+HOST_DEATH = {"kind": "kill", "worker": 0, "when": "log:starting at step"}
+
+
+def events(workdir, kind: str) -> list[str]:
+  return [e["detail"] for e in supervisor_state(workdir)["events"] if e["event"] == kind]
+
+
+def test_lost_hosts_rebuild_the_slice_and_are_not_crashes(root, source, tmp_path):
+  """Three host deaths before the first checkpoint: three rebuilds, up to --max_restarts; none
+  counts as a crash (two crashes at one checkpoint would stop the supervisor after one)."""
+  cloud = FakeCloud(tmp_path, faults=[HOST_DEATH] * 3)
+  workdir = str(tmp_path / "run")
+  argv = supervise_argv(root, workdir, source, "--max_restarts=2", accelerator="v5p-16")
+  result = run_supervisor(cloud, argv)
+  assert result.returncode == 1, result.stderr[-3000:]
+  fake = cloud.state()
+  assert [f["exits"] for f in fake["faults"]] == [[137, 134]] * 3  # Killed; its peer aborted.
+  assert fake["starts"] == 3 and cloud.verbs().count("create") == 3
+  restarts = events(workdir, "restart")
+  assert len(restarts) == 2 and all(
+    "lost a host (or a notice stopped training): fake-w-0 exited 137, fake-w-1 exited 134 peer" in r
+    for r in restarts
+  )
+  assert "--max_restarts=2 reached after 2 restarts" in events(workdir, "gave up")[0]
+  assert "crash" not in supervisor_state(workdir)
+
+
+def test_stuck_slices_are_deleted_and_queued_again(root, source, tmp_path):
+  """Queued past --queue_timeout (longer than --transition_timeout: the queue has its own
+  deadline), then stuck PROVISIONING, then preempted and stuck SUSPENDING: each deleted and
+  queued again, until --max_restarts."""
+  cloud = FakeCloud(
+    tmp_path,
+    creates=["WAITING_FOR_RESOURCES", "PROVISIONING"],
+    faults=[dict(NOTICE_AT_START, stuck=True)],
+  )
+  workdir = str(tmp_path / "run")
+  argv = supervise_argv(
+    root,
+    workdir,
+    source,
+    "--max_restarts=2",
+    "--transition_timeout=0.02",  # 1.2 s
+    "--queue_timeout=0.05",  # 3 s
+  )
+  result = run_supervisor(cloud, argv, timeout=120)  # Today's code would wait forever.
+  assert result.returncode == 1, result.stderr[-3000:]
+  restarts = events(workdir, "restart")
+  assert len(restarts) == 2
+  assert re.search(
+    r"the slice stayed WAITING_FOR_RESOURCES for 0\.\d min \(--queue_timeout", restarts[0]
+  )
+  assert "the slice stayed PROVISIONING for 0.0 min (--transition_timeout=0.02)" in restarts[1]
+  assert (
+    "the slice stayed SUSPENDING for 0.0 min (--transition_timeout=0.02); --max_restarts"
+    in (events(workdir, "gave up")[0])
+  )
+  fake = cloud.state()
+  assert fake["creates"] == 3 and fake["starts"] == 1 and fake["slice"] == "NONE"
+  assert supervisor_state(workdir)["slice"] == "NOT_FOUND"
+
+
+@pytest.mark.parametrize("accelerator", ["v5p-8", "v5p-16"])
+def test_a_notice_before_the_first_step_exits_0_at_once(root, source, tmp_path, accelerator):
+  """A notice while the trainings set up, restore or compile: nothing to save beyond the last
+  checkpoint, so every worker exits 0 at once instead of running into the grace period."""
+  notice = {"kind": "notice", "when": "log:starting at step"}
+  cloud = FakeCloud(tmp_path, faults=[notice])
+  workdir = str(tmp_path / "run")
+  argv = supervise_argv(root, workdir, source, "--max_restarts=0", accelerator=accelerator)
+  result = run_supervisor(cloud, argv)
+  assert result.returncode == 1, result.stderr[-3000:]
+  [fault] = cloud.state()["faults"]
+  workers = cloud.state()["workers"]
+  assert fault["exits"] == [0] * workers and not fault["killed_after_grace"]
+  assert checkpoint_steps(workdir) == [] and not os.path.exists(
+    os.path.join(workdir, "metrics.jsonl")
+  )
+  for worker in range(workers):
+    log = cloud.log(worker)
+    assert (
+      "preemption notice before the first step (restoring or compiling): nothing to save " in log
+    )
+    assert "train step compiled" not in log and "loaded from the compilation cache" not in log
+
+
+def test_the_probe_keeps_the_answers_of_workers_whose_ssh_worked(source, tmp_path, monkeypatch):
+  """Worker 1's ssh fails (gcloud exits 255): worker 0's answer still counts, and worker 1 is
+  silent, which beside a running training is only unsure, beside a killed one a lost host."""
+  cloud = FakeCloud(tmp_path)
+  for name, value in cloud.env.items():
+    monkeypatch.setenv(name, value)
+  args = tpu_pod.parse_flags(
+    supervise_argv("root", str(tmp_path / "run"), source, accelerator="v5p-16")[3:]
+  )
+  supervisor = tpu_supervisor.Supervisor(commands.Shell(dry_run=False), args)
+  shell = commands.Shell(dry_run=False)
+  shell.run(tpu_vm.create_command(args))
+  while supervisor.slice_state() != "ACTIVE":
+    pass
+  cloud.update(unreachable=[1])
+  home = cloud.dir / "home" / "0"
+  (home / "genmask-jax-train.pid").write_text(str(os.getpid()))  # A live process: running.
+  assert supervisor.probe() == [("fake-w-0", "running"), ("a worker", "silent")]
+  assert tpu_supervisor.assess(supervisor.probe())[0] == "unsure"
+  (home / "genmask-jax-train.exit").write_text("137\n")
+  assert supervisor.probe() == [("fake-w-0", "exited 137"), ("a worker", "silent")]
+  assert tpu_supervisor.assess(supervisor.probe()) == (
+    "rebuild",
+    "fake-w-0 exited 137, a worker silent",
+  )
+
+
+def status_of(cloud, argv) -> str:
+  """`tpu_pod status` of the run of supervise command `argv`."""
+  workdir = next(a for a in argv if a.startswith("--workdir="))
+  result = subprocess.run(
+    [*argv[:3], "status", "--name=gm", "--zone=us-east5-a", "--queued", workdir],
+    env=cloud.env,
+    cwd=commands.PROJECT_ROOT,
+    capture_output=True,
+    text=True,
+    timeout=60,
+  )
+  assert result.returncode == 0, result.stderr
+  return result.stdout
+
+
+def test_install_failures_are_retried_on_the_same_slice_then_stop(root, source, tmp_path):
+  """A package index that stays down: the install is retried on the healthy slice (no rebuild,
+  no restart used up), then the supervisor stops, naming it; `status` and supervisor.json say
+  so, and that the slice is deleted."""
+  cloud = FakeCloud(tmp_path, install_failures=5)
+  workdir = str(tmp_path / "run")
+  argv = supervise_argv(root, workdir, source, "--max_install_retries=1")
+  result = run_supervisor(cloud, argv)
+  assert result.returncode == 1, result.stderr[-3000:]
+  assert cloud.verbs().count("create") == 1 and cloud.state()["installs"] == 2
+  assert events(workdir, "install failed") == [
+    "1 of at most 2 in a row: gcloud compute tpus tpu-vm ssh gm --worker=all ... exited 1; "
+    "again in 0 s on the same slice"
+  ]
+  assert events(workdir, "gave up")[0].startswith(
+    "installing failed 2 times in a row on a healthy slice: gcloud compute tpus tpu-vm ssh gm "
+    "--worker=all ... exited 1; --max_install_retries=1 reached"
+  )
+  state = supervisor_state(workdir)
+  assert state["restarts"] == 0 and state["slice"] == "NOT_FOUND" and state["phase"] == "failed"
+  out = status_of(cloud, argv)
+  assert "install:     failed 2 times in a row, the last" in out
+  assert "supervisor:  failed, pid" in out and "which stopped" in out
+  assert "slice:       gm NOT_FOUND" in out
+
+
+def test_an_install_that_fails_once_uses_up_no_restart(root, source, tmp_path):
+  """Installed at the second try, training starts (and crashes: a config key that does not
+  exist, so that the test ends at once with --max_restarts=0)."""
+  cloud = FakeCloud(tmp_path, install_failures=1)
+  workdir = str(tmp_path / "run")
+  argv = supervise_argv(root, workdir, source, "--max_restarts=0", "--config_overrides=nope=1")
+  result = run_supervisor(cloud, argv)
+  assert result.returncode == 1, result.stderr[-3000:]
+  assert len(events(workdir, "install failed")) == 1 and cloud.state()["starts"] == 1
+  assert "training failed on its own" in events(workdir, "gave up")[0]
+  state = supervisor_state(workdir)
+  assert state["restarts"] == 0 and state["install"]["failures"] == 0
+
+
+@pytest.mark.parametrize("storage", ["local", "gcs"])
+def test_of_two_supervisors_started_at_once_exactly_one_runs(
+  root, source, tmp_path, request, storage
+):
+  """Both processes import everything, wait for one signal, then start supervising the same work
+  directory: one claims the run (and, here, gives up on a training that cannot start), the other
+  refuses, and the slice is created once."""
+  env = ENV
+  workdir = str(tmp_path / "run")
+  if storage == "gcs":
+    gcs = request.getfixturevalue("gcs")
+    env = dict(ENV, **gcs.env)
+    workdir = request.getfixturevalue("bucket") + "/run"
+  cloud = FakeCloud(tmp_path, env=env)
+  argv = supervise_argv(root, workdir, source, "--max_restarts=0", "--config_overrides=nope=1")
+  go = tmp_path / "go"
+  start = (
+    "import os, pathlib, sys, time; from launch import tpu_pod\n"
+    "pathlib.Path(sys.argv[1]).touch()\n"
+    f"while not os.path.exists({str(go)!r}): time.sleep(0.001)\n"
+    f"tpu_pod.main({argv[3:]!r})"
+  )
+  ready = [tmp_path / f"ready{i}" for i in range(2)]
+  supervisors = []
+  try:
+    for flag in ready:
+      supervisors.append(
+        subprocess.Popen(
+          [sys.executable, "-c", start, str(flag)],
+          env=cloud.env,
+          cwd=commands.PROJECT_ROOT,
+          stderr=subprocess.PIPE,
+          text=True,
+        )
+      )
+    for process, flag in zip(supervisors, ready, strict=True):
+      wait_for(flag.exists, process)
+    go.touch()
+    errors = [p.communicate(timeout=HANG_GUARD_S)[1] for p in supervisors]
+  finally:
+    for process in supervisors:
+      end(process)
+    cloud.kill_all()
+  refused = [e for e in errors if "error: another supervisor is watching this run" in e]
+  ran = [e for e in errors if "[supervisor] gave up: training failed on its own" in e]
+  assert len(refused) == 1 and len(ran) == 1, errors
+  assert cloud.verbs().count("create") == 1
+  assert [p.returncode for p in supervisors] == [1, 1]
