@@ -4,6 +4,7 @@
 import contextlib
 import json
 import os
+import random
 import re
 import signal
 import subprocess
@@ -96,21 +97,33 @@ def end(process: subprocess.Popen) -> None:
     process.wait()
 
 
+def saving(workdir) -> int | None:
+  """The step whose checkpoint Orbax is writing (its temporary folder exists), if any."""
+  folder = os.path.join(workdir, "checkpoints")
+  names = os.listdir(folder) if os.path.isdir(folder) else []
+  steps = [int(n.split(".")[0]) for n in names if ".orbax-checkpoint-tmp" in n]
+  return steps[0] if steps else None
+
+
 @pytest.mark.slow
 @pytest.mark.xdist_group("heavy")
-def test_sigterm_checkpoints_the_current_step_and_exits_0(root, reference, tmp_path):
+def test_sigterm_during_a_save_checkpoints_the_current_step_and_exits_0(root, reference, tmp_path):
+  """The notice comes while a checkpoint is being written: that save completes, the step in
+  flight is saved too, the process exits 0 and the resumed run is the uninterrupted one."""
   workdir = str(tmp_path / "run")
   process = subprocess.Popen(
     train_command(root, workdir), env=ENV, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE
   )
   try:
-    wait_for(lambda: checkpoint_steps(workdir), process)
+    wait_for(lambda: saving(workdir), process)
+    in_flight = saving(workdir)
     process.send_signal(signal.SIGTERM)
     _, err = process.communicate(timeout=60)  # Cloud TPU's notice is ~30 s; CPUs are shared.
     assert process.returncode == 0, err.decode()[-3000:]
   finally:
     end(process)
   step = max(losses(workdir))
+  assert saving(workdir) is None and in_flight in checkpoint_steps(workdir)
   assert checkpoint_steps(workdir)[-1] == step < 8  # The step it was on, not the last save step.
   run_training(root, workdir)
   assert_same_run(workdir, reference, root)
@@ -624,3 +637,121 @@ def test_of_two_supervisors_started_at_once_exactly_one_runs(
   assert len(refused) == 1 and len(ran) == 1, errors
   assert cloud.verbs().count("create") == 1
   assert [p.returncode for p in supervisors] == [1, 1]
+
+
+@pytest.mark.parametrize(
+  "states, verdict",
+  [
+    (["running", "running"], None),
+    (["exited 1", "running"], "crash"),  # Failed on its own; its peer may hang.
+    (["exited 1", "exited 134 peer"], "crash"),  # JAX ended the peer: a consequence.
+    (["exited 1", "exited 1"], "crash"),
+    (["exited 137", "exited 134 peer"], "rebuild"),  # A host died.
+    (["exited 137", "exited 1"], "rebuild"),  # Its peer failed in a collective.
+    (["exited 134 peer", "running"], "rebuild"),  # The running one stopped answering JAX.
+    (["exited 143", "running"], "rebuild"),
+    (["exited 1", "silent"], "rebuild"),  # The silent host is the likelier cause.
+    (["exited 0", "exited 0"], "rebuild"),  # A notice ended training while the slice is ACTIVE.
+    (["exited 0", "running"], "unsure"),  # A notice being taken.
+    (["absent", "running"], "unsure"),  # A start not visible yet.
+    (["silent", "running"], "unsure"),  # One ssh failed.
+    (["silent", "silent"], "unsure"),
+    (["exited 1", "silent", "running"], "unsure"),
+  ],
+)
+def test_what_the_workers_answers_call_for(states, verdict):
+  workers = [(f"w{i}", state) for i, state in enumerate(states)]
+  assert tpu_supervisor.assess(workers)[0] == verdict
+
+
+def test_a_new_checkpoint_starts_the_crash_count_again(source, tmp_path):
+  """Two crashes at one checkpoint stop the supervisor; one before and one after a new checkpoint
+  do not, and nor do crashes before the first checkpoint and at the first (None is no number)."""
+  workdir = tmp_path / "run"
+  args = tpu_pod.parse_flags(supervise_argv("root", str(workdir), source)[3:])
+  supervisor = tpu_supervisor.Supervisor(commands.Shell(dry_run=False), args)
+  supervisor.load()
+  supervisor.state["started_at"] = time.time()
+
+  def checkpoint(step: int) -> None:
+    folder = workdir / "checkpoints" / str(step) / "config"
+    folder.mkdir(parents=True)
+    (folder / "metadata").write_text(json.dumps({"total_steps": 8}))
+    supervisor.update_progress()
+
+  supervisor.update_progress()
+  supervisor.crashed(None, "w0 exited 1")
+  checkpoint(2)
+  supervisor.crashed(2, "w0 exited 1")
+  checkpoint(4)
+  assert (
+    supervisor.crashed(4, "w0 exited 1")
+    == "training failed on its own at checkpoint 4: w0 exited 1"
+  )
+  assert supervisor.fatal is None and supervisor.state["crash"]["count"] == 1
+  assert supervisor.crashed(4, "w0 exited 1").startswith(
+    "training failed on its own at checkpoint 4, again without a new checkpoint in between"
+  )
+  assert supervisor.fatal is not None
+
+
+@pytest.fixture(scope="module")
+def reference_two_workers(root, tmp_path_factory):
+  """The uninterrupted supervised run on two workers, and how long it took (s)."""
+  tmp_path = tmp_path_factory.mktemp("reference_two_workers")
+  src = tmp_path / "src"
+  src.mkdir()
+  (src / "requirements-train.txt").write_text("jax\n")
+  cloud = FakeCloud(tmp_path)
+  workdir = str(tmp_path / "run")
+  started = time.monotonic()
+  result = run_supervisor(cloud, supervise_argv(root, workdir, src, accelerator="v5p-16"))
+  assert result.returncode == 0, result.stderr[-3000:]
+  return workdir, time.monotonic() - started
+
+
+@pytest.mark.slow
+@pytest.mark.xdist_group("heavy")
+def test_two_workers_survive_a_notice_a_dead_host_and_a_supervisor_kill(
+  root, reference_two_workers, source, tmp_path
+):
+  """Faults at random moments (the seed is in the failure message): a notice in the first
+  attempt, the death of worker 1's host (its ssh fails from then on) in the second, and a
+  SIGKILL of the supervisor, which is started again at once. The run ends identical to the
+  uninterrupted one."""
+  reference, reference_s = reference_two_workers
+  seed = int(os.environ.get("GENMASK_FAULT_SEED", time.time_ns() % 2**32))
+  rng = random.Random(seed)
+  moment = lambda: f"after:{rng.uniform(0, 0.5 * reference_s):.1f}"  # Within an attempt.
+  faults = [
+    {"kind": "notice", "when": moment()},
+    {"kind": "kill", "worker": 1, "unreachable": True, "when": moment()},
+  ]
+  kill_supervisor_at = rng.uniform(2, reference_s)
+  cloud = FakeCloud(tmp_path, faults=faults)
+  workdir = str(tmp_path / "run")
+  argv = supervise_argv(root, workdir, source, "--max_restarts=4", accelerator="v5p-16")
+  why = f"seed {seed}: faults {faults}, supervisor killed at {kill_supervisor_at:.1f} s"
+  first = second = None
+  started = time.monotonic()
+  try:
+    first = subprocess.Popen(argv, env=cloud.env, cwd=commands.PROJECT_ROOT)
+    wait_for(lambda: time.monotonic() - started > kill_supervisor_at, first)
+    first.kill()
+    first.wait()
+    second = subprocess.Popen(
+      argv, env=cloud.env, cwd=commands.PROJECT_ROOT, stderr=subprocess.PIPE, text=True
+    )
+    _, err = second.communicate(timeout=3 * HANG_GUARD_S)
+    assert second.returncode == 0, f"{why}\n{err[-3000:]}"
+  finally:
+    for process in (first, second):
+      if process is not None:
+        end(process)
+    cloud.kill_all()
+  took = time.monotonic() - started
+  fake = cloud.state()
+  assert [f["kind"] for f in fake["faults"]] == ["notice", "kill"], why
+  assert supervisor_state(workdir)["phase"] == "finished", why
+  assert_same_run(workdir, reference, root)
+  print(f"\n{why}; {fake['starts']} starts; {took:.0f} s (uninterrupted: {reference_s:.0f} s)")
