@@ -320,8 +320,10 @@ class Supervisor:
     except (subprocess.CalledProcessError, subprocess.TimeoutExpired) as e:
       return f"starting training failed: {_failure(e)}"
     self.bad_probes = 0
+    checkpoint = self.update_progress()["checkpoint"]  # The one training resumes from.
     self.save(phase="training", attempts=self.state["attempts"] + 1, started_at=time.time())
-    self.event("training", f"attempt {self.state['attempts']} started on every worker")
+    start = "from scratch" if checkpoint is None else f"from checkpoint {checkpoint}"
+    self.event("training", f"attempt {self.state['attempts']} started on every worker, {start}")
     return None
 
   def wait_until_ready(self) -> str | None:

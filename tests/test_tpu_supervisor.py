@@ -716,18 +716,23 @@ def test_two_workers_survive_a_notice_a_dead_host_and_a_supervisor_kill(
   root, reference_two_workers, source, tmp_path
 ):
   """Faults at random moments (the seed is in the failure message): a notice in the first
-  attempt, the death of worker 1's host (its ssh fails from then on) in the second, and a
-  SIGKILL of the supervisor, which is started again at once. The run ends identical to the
-  uninterrupted one."""
+  attempt, the death of worker 1's host (its ssh fails from then on) in the second, and a SIGKILL
+  of the supervisor, which is started again at once. Each fault lands while the trainings start
+  up (restore, compile), while a checkpoint is written, just after one, or at a random time. The
+  run ends identical to the uninterrupted one."""
   reference, reference_s = reference_two_workers
   seed = int(os.environ.get("GENMASK_FAULT_SEED", time.time_ns() % 2**32))
   rng = random.Random(seed)
-  moment = lambda: f"after:{rng.uniform(0, 0.5 * reference_s):.1f}"  # Within an attempt.
+  during = ["log:global batch", "save", "checkpoint"]  # Each attempt has all three.
   faults = [
-    {"kind": "notice", "when": moment()},
-    {"kind": "kill", "worker": 1, "unreachable": True, "when": moment()},
+    {
+      "kind": "notice",
+      "when": rng.choice([*during, f"after:{rng.uniform(0, reference_s / 2):.1f}"]),
+    },
+    {"kind": "kill", "worker": 1, "unreachable": True, "when": rng.choice(during)},
   ]
-  kill_supervisor_at = rng.uniform(2, reference_s)
+  # Before the faulted run can have ended: its second attempt alone starts up again.
+  kill_supervisor_at = rng.uniform(2, 0.8 * reference_s)
   cloud = FakeCloud(tmp_path, faults=faults)
   workdir = str(tmp_path / "run")
   argv = supervise_argv(root, workdir, source, "--max_restarts=4", accelerator="v5p-16")
@@ -752,6 +757,11 @@ def test_two_workers_survive_a_notice_a_dead_host_and_a_supervisor_kill(
   took = time.monotonic() - started
   fake = cloud.state()
   assert [f["kind"] for f in fake["faults"]] == ["notice", "kill"], why
-  assert supervisor_state(workdir)["phase"] == "finished", why
+  state = supervisor_state(workdir)
+  assert state["phase"] == "finished" and state["restarts"] == 2, why
   assert_same_run(workdir, reference, root)
-  print(f"\n{why}; {fake['starts']} starts; {took:.0f} s (uninterrupted: {reference_s:.0f} s)")
+  resumed = [e["step"] for e in state["events"] if e["event"] == "training"]
+  print(
+    f"\n{why}; attempts from checkpoints {resumed}; {took:.0f} s (uninterrupted: "
+    f"{reference_s:.0f} s)"
+  )
