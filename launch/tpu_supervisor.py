@@ -57,8 +57,9 @@ QUEUED = ("WAITING_FOR_RESOURCES",)  # Waiting for capacity: bounded by --queue_
 STARTING = ("ACCEPTED", "PROVISIONING", "CREATING", "STARTING")  # On the way to HEALTHY.
 # Preempted, but the workers may still be saving their checkpoint in the notice's grace period.
 STOPPING = ("SUSPENDING", "STOPPING")
+UNKNOWN = "UNKNOWN"  # gcloud gave no answer.
 FINISHED, FAILED = "finished", "failed"
-BAD_PROBES = 3  # Consecutive polls with workers missing beside running ones before a rebuild.
+BAD_PROBES = 3  # Polls in a row that cannot tell (workers missing, gcloud silent) before a rebuild.
 KILLED = (128 + signal.SIGKILL, 128 + signal.SIGTERM)  # Exit statuses of a kill from outside.
 QUERY_TIMEOUT_S = 300  # A gcloud query or ssh that takes longer hangs (a host that went dark).
 
@@ -146,6 +147,17 @@ def slice_state_command(args: commands.Flags) -> list[str]:
   if args.queued:
     return tpu_vm.describe_command(args)
   return tpu_vm.gcloud(args, "tpu-vm", "describe", args.name, "--format=value(state)")
+
+
+def slice_state(shell: commands.Shell, args: commands.Flags) -> str:
+  """The slice's state as gcloud describes it; NOT_FOUND when gcloud says it does not exist,
+  UNKNOWN when gcloud could not tell (a network error, a timeout): that is no reason to act."""
+  try:
+    return shell.read(slice_state_command(args), QUERY_TIMEOUT_S).strip() or UNKNOWN
+  except subprocess.CalledProcessError as e:
+    return "NOT_FOUND" if "NOT_FOUND" in _text(e.stderr) else UNKNOWN
+  except subprocess.TimeoutExpired:
+    return UNKNOWN
 
 
 def read_progress(workdir: str) -> dict:
@@ -329,7 +341,7 @@ class Supervisor:
   def wait_until_ready(self) -> str | None:
     """None once the slice can run training; else why it must be rebuilt."""
     while (state := self.observe_slice()) not in HEALTHY:
-      if state not in QUEUED + STARTING:
+      if state not in (*QUEUED, *STARTING, UNKNOWN):
         return f"the slice became {state} before it was ready"
       if (late := self.overdue(state)) is not None:
         return late
@@ -386,6 +398,8 @@ class Supervisor:
     self.save()
     if slice_state in STOPPING:  # Deleting it now could cut the workers' last checkpoint short.
       return self.overdue(slice_state)
+    if slice_state == UNKNOWN:  # Deleting a healthy slice for a network error loses capacity.
+      return self.unsure("no answer from gcloud about the slice")
     if slice_state not in HEALTHY:
       return FINISHED if is_finished(progress) else f"slice {slice_state} (preempted or lost)"
     workers = self.probe()
@@ -397,14 +411,20 @@ class Supervisor:
     if verdict == "rebuild":
       return f"lost a host (or a notice stopped training): {who}"
     if verdict == "unsure":
-      self.bad_probes += 1
-      if self.bad_probes >= BAD_PROBES:
-        return f"workers missing beside running ones {BAD_PROBES} polls in a row: {who}"
+      if (trouble := self.unsure(f"workers missing beside running ones: {who}")) is not None:
+        return trouble
     else:
       self.bad_probes = 0
     stalled_s = time.time() - max(progress["seen_at"], self.state["started_at"])
     if self.args.stall_minutes and stalled_s > 60 * self.args.stall_minutes:
       return f"no new step for {stalled_s / 60:.0f} min (a hung worker?)"
+    return None
+
+  def unsure(self, what: str) -> str | None:
+    """Counts a poll that found `what`; the reason for a rebuild after BAD_PROBES in a row."""
+    self.bad_probes += 1
+    if self.bad_probes >= BAD_PROBES:
+      return f"{what} ({BAD_PROBES} polls in a row)"
     return None
 
   def crashed(self, checkpoint: int | None, who: str) -> str:
@@ -440,12 +460,7 @@ class Supervisor:
     return None
 
   def slice_state(self) -> str:
-    try:
-      return self.shell.read(slice_state_command(self.args), QUERY_TIMEOUT_S).strip() or "UNKNOWN"
-    except subprocess.CalledProcessError:
-      return "NOT_FOUND"
-    except subprocess.TimeoutExpired:
-      return "UNKNOWN"
+    return slice_state(self.shell, self.args)
 
   def probe(self) -> list[tuple[str, str]]:
     """(host, state) of each worker: running, exited N [peer], absent, or `silent` for each
@@ -580,10 +595,7 @@ def status(shell: commands.Shell, args: commands.Flags) -> None:
     shell.run(slice_state_command(args))
     return
   state = fileio.read_json(path) if fileio.exists(path) else {}
-  try:
-    slice_state = shell.read(slice_state_command(args), QUERY_TIMEOUT_S).strip()
-  except subprocess.CalledProcessError:
-    slice_state = "NOT_FOUND"
+  now = slice_state(shell, args)
   progress = read_progress(args.workdir)
   seen = state.get("progress", {})
   seen_at = seen.get("seen_at") if seen.get("step") == progress["step"] else None
@@ -592,11 +604,11 @@ def status(shell: commands.Shell, args: commands.Flags) -> None:
   if total and step is not None and rate:
     eta = f"{(total - step) / rate / 3600:.1f} h at {rate:.3g} steps/s"
   since = state.get("slice_since") or {}
-  in_state = f" (since {_ago(since['at'])})" if since.get("state") == slice_state else ""
+  in_state = f" (since {_ago(since['at'])})" if since.get("state") == now else ""
   lines = [
     f"run:         {args.workdir}",
     f"supervisor:  {state.get('phase', 'none (not supervised)')}{_supervisor(args.workdir)}",
-    f"slice:       {args.name} {slice_state}{in_state}",
+    f"slice:       {args.name} {now}{in_state}",
     f"step:        {step}/{total or '?'} (seen {_ago(seen_at)}), "
     f"last checkpoint {progress['checkpoint']}",
     f"restarts:    {state.get('restarts', 0)} of at most {state.get('max_restarts', '?')}",
