@@ -62,6 +62,8 @@ FINISHED, FAILED = "finished", "failed"
 BAD_PROBES = 3  # Polls in a row that cannot tell (workers missing, gcloud silent) before a rebuild.
 KILLED = (128 + signal.SIGKILL, 128 + signal.SIGTERM)  # Exit statuses of a kill from outside.
 QUERY_TIMEOUT_S = 300  # A gcloud query or ssh that takes longer hangs (a host that went dark).
+# Before a slice with its logs is deleted, each worker's last lines go to <workdir>/LOGS_DIR.
+LOGS_DIR, LOG_TAIL_LINES = "supervisor_logs", 200
 
 
 def state_path(workdir: str) -> str:
@@ -98,6 +100,13 @@ def probe_command(args: commands.Flags) -> list[str]:
     f"else echo {tag} absent; fi"
   )
   return tpu_vm.ssh_command(args, "all", remote)
+
+
+def log_tails_command(args: commands.Flags) -> list[str]:
+  """Each worker prints the last LOG_TAIL_LINES lines of its training log, each line prefixed
+  with its host name (gcloud interleaves the workers' output)."""
+  tail = f"tail -n {LOG_TAIL_LINES} {tpu_vm.REMOTE_LOG} 2>&1"
+  return tpu_vm.ssh_command(args, "all", f'{tail} | sed "s/^/${{HOSTNAME:-$(hostname)}}: /"')
 
 
 def parse_probe(out: str) -> list[tuple[str, str]]:
@@ -384,6 +393,7 @@ class Supervisor:
 
   def restart(self, reason: str) -> str | None:
     restarts = self.state["restarts"] + 1
+    reason += self.keep_log_tails()
     self.save(restarts=restarts, phase="restarting")
     self.event("restart", f"{restarts} of at most {self.args.max_restarts}: {reason}")
     self.delete_slice()
@@ -436,8 +446,8 @@ class Supervisor:
     if count >= 2:
       again = ", again without a new checkpoint in between"
       self.fatal = (
-        "a rebuild would fail the same way: fix what `logs` shows, then the same command "
-        "resumes from the last checkpoint"
+        "a rebuild would fail the same way: fix what the workers' logs show, then the same "
+        "command resumes from the last checkpoint"
       )
     return f"training failed on its own {_at(checkpoint)}{again}: {who}"
 
@@ -503,8 +513,26 @@ class Supervisor:
   def give_up(self, reason: str, advice: str) -> int:
     checkpoint = self.state.get("progress", {}).get("checkpoint")
     last = "none yet" if checkpoint is None else f"step {checkpoint}"
+    reason += self.keep_log_tails()
     self.end(FAILED, "gave up", f"{reason}; {advice} (last checkpoint: {last})", reason=reason)
     return 1
+
+  def keep_log_tails(self) -> str:
+    """Copies the end of every worker's training log into the work directory before the slice,
+    and the logs with it, is deleted; returns where, as words to add to a reason (empty when the
+    slice is not healthy, training did not start, or no worker answered)."""
+    if self.state.get("phase") != "training" or self.state.get("slice") not in HEALTHY:
+      return ""
+    try:
+      out = self.shell.read(log_tails_command(self.args), QUERY_TIMEOUT_S)
+    except (subprocess.CalledProcessError, subprocess.TimeoutExpired) as e:
+      out = _text(e.stdout)
+    if not out.strip():
+      return ""
+    path = os.path.join(self.args.workdir, LOGS_DIR, f"attempt{self.state['attempts']}.log")
+    fileio.makedirs(os.path.dirname(path))
+    fileio.write_text(path, out)
+    return f" (the workers' last log lines: {path})"
 
   def end(self, phase: str, kind: str, detail: str, **changes) -> None:
     """Releases the slice and records the end: the slice's state after the delete, and that no

@@ -231,6 +231,21 @@ def supervisor_state(workdir) -> dict:
   return {}
 
 
+def status_of(cloud, argv) -> str:
+  """`tpu_pod status` of the run of supervise command `argv`."""
+  workdir = next(a for a in argv if a.startswith("--workdir="))
+  result = subprocess.run(
+    [*argv[:3], "status", "--name=gm", "--zone=us-east5-a", "--queued", workdir],
+    env=cloud.env,
+    cwd=commands.PROJECT_ROOT,
+    capture_output=True,
+    text=True,
+    timeout=60,
+  )
+  assert result.returncode == 0, result.stderr
+  return result.stdout
+
+
 @pytest.mark.slow
 @pytest.mark.xdist_group("heavy")
 def test_supervisor_survives_two_preemptions_and_its_own_restart(root, reference, source, tmp_path):
@@ -275,16 +290,7 @@ def test_supervisor_survives_two_preemptions_and_its_own_restart(root, reference
   assert "finished: step 8 after 2 restarts" in err
   assert_same_run(workdir, reference, root)
 
-  status = subprocess.run(
-    [*argv[:3], "status", "--name=gm", "--zone=us-east5-a", "--queued", f"--workdir={workdir}"],
-    env=cloud.env,
-    cwd=commands.PROJECT_ROOT,
-    capture_output=True,
-    text=True,
-    timeout=60,
-  )
-  assert status.returncode == 0, status.stderr
-  out = status.stdout
+  out = status_of(cloud, argv)
   assert "slice:       gm NOT_FOUND" in out and "supervisor:  finished" in out
   assert "step:        8/8" in out and "last checkpoint 8" in out
   assert "restarts:    2 of at most 3" in out and "eta:         0.0 h" in out
@@ -335,16 +341,22 @@ def test_supervisor_stops_when_training_fails_again_without_progress(root, sourc
   result = run_supervisor(cloud, argv)
   assert result.returncode == 1, result.stderr[-3000:]
   # Each time, the first worker to fail is named (with its peer, if it had failed by then).
+  tails = os.path.join(workdir, "supervisor_logs", "attempt2.log")
   assert re.search(
     r"gave up: training failed on its own before the first checkpoint, again without a new "
-    r"checkpoint in between: fake-w-[01] exited 1.*; a rebuild would fail the same way: fix what "
-    r"`logs` shows, then the same command resumes from the last checkpoint \(last checkpoint: "
-    r"none yet\)",
+    r"checkpoint in between: fake-w-[01] exited 1.* \(the workers' last log lines: "
+    + re.escape(tails)
+    + r"\); a rebuild would fail the same way: fix what the workers' logs show, then the same "
+    r"command resumes from the last checkpoint \(last checkpoint: none yet\)",
     result.stderr,
   )
   assert cloud.state()["workers"] == 2 and cloud.state()["starts"] == 2
   assert supervisor_state(workdir)["restarts"] == 1
-  assert "nope" in cloud.log(0) and "nope" in cloud.log(1)
+  # The slice is gone, its logs with it; their ends were kept.
+  with open(tails) as f:
+    lines = f.read().splitlines()
+  for worker in (0, 1):
+    assert any(line.startswith(f"fake-w-{worker}: ") and "nope" in line for line in lines)
 
 
 def _lines(capsys) -> list[str]:
@@ -532,21 +544,6 @@ def test_the_probe_keeps_the_answers_of_workers_whose_ssh_worked(source, tmp_pat
     "rebuild",
     "fake-w-0 exited 137, a worker silent",
   )
-
-
-def status_of(cloud, argv) -> str:
-  """`tpu_pod status` of the run of supervise command `argv`."""
-  workdir = next(a for a in argv if a.startswith("--workdir="))
-  result = subprocess.run(
-    [*argv[:3], "status", "--name=gm", "--zone=us-east5-a", "--queued", workdir],
-    env=cloud.env,
-    cwd=commands.PROJECT_ROOT,
-    capture_output=True,
-    text=True,
-    timeout=60,
-  )
-  assert result.returncode == 0, result.stderr
-  return result.stdout
 
 
 def test_install_failures_are_retried_on_the_same_slice_then_stop(root, source, tmp_path):

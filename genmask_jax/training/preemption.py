@@ -22,6 +22,7 @@ import signal
 import sys
 import threading
 
+import jax
 from absl import logging
 from jax._src import distributed as jax_distributed
 from jax.experimental import multihost_utils
@@ -74,7 +75,9 @@ def _noticed() -> bool:
     client = jax_distributed.global_state.client
     try:
       client.key_value_try_get(NOTICE_KEY)
-    except Exception:  # NOT_FOUND (the client raises a generic XlaRuntimeError).
+    except jax.errors.JaxRuntimeError as e:
+      if "NOT_FOUND" not in str(e):
+        raise
       select.select([], [], [], _POLL_S)
       return False
     return True
@@ -107,7 +110,7 @@ def _exit_now() -> None:
     # report its peers as failed, and they would abort instead of exiting 0.
     try:
       client.wait_at_barrier(_EXIT_BARRIER, _EXIT_BARRIER_TIMEOUT_MS)
-    except Exception as e:  # A peer that never came; the grace period ends it.
+    except jax.errors.JaxRuntimeError as e:  # A peer that never came: the grace period ends it.
       logging.warning("not every process reached the exit barrier: %s", e)
     if jax_distributed.global_state.service is not None:
       # The coordination service lives in this process: its peers go first.
