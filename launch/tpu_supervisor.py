@@ -376,7 +376,8 @@ class Supervisor:
       if failures > self.args.max_install_retries:
         self.fatal = (
           f"--max_install_retries={self.args.max_install_retries} reached; once the cause is "
-          "fixed (its output is above), the same command resumes from the last checkpoint"
+          "fixed (the install's output is in this supervisor's log), the same command resumes "
+          "from the last checkpoint"
         )
         return f"installing failed {failures} times in a row on a healthy slice: {error}"
       backoff = self.backoff(failures)
