@@ -106,18 +106,22 @@ class Shell:
 
   dry_run: bool
 
-  def run(self, cmd: Sequence[str]) -> None:
-    """Runs cmd with its output streaming to ours; a non-zero exit raises CalledProcessError."""
+  def run(self, cmd: Sequence[str], timeout: float | None = None) -> None:
+    """Runs cmd with its output streaming to ours; a non-zero exit raises CalledProcessError,
+    running longer than `timeout` seconds TimeoutExpired (the command is killed)."""
     self._show(shlex.join(cmd))
     if not self.dry_run:
-      subprocess.run(list(cmd), check=True)
+      subprocess.run(list(cmd), check=True, timeout=timeout)
 
-  def read(self, cmd: Sequence[str]) -> str:
-    """Stdout of a query command. Queries have no dry-run answer: callers branch before."""
+  def read(self, cmd: Sequence[str], timeout: float | None = None) -> str:
+    """Stdout of a query command (errors as `run`'s; a CalledProcessError keeps the stdout).
+    Queries have no dry-run answer: callers branch before."""
     if self.dry_run:
       raise RuntimeError(f"dry run cannot read the output of {shlex.join(cmd)}")
     self._show(shlex.join(cmd))
-    return subprocess.run(list(cmd), check=True, capture_output=True, text=True).stdout
+    return subprocess.run(
+      list(cmd), check=True, capture_output=True, text=True, timeout=timeout
+    ).stdout
 
   def check(self, cmd: Sequence[str], cwd: str | None = None) -> None:
     """Runs a local check that changes nothing, in a dry run too, so that a dry run refuses

@@ -36,6 +36,7 @@ from collections.abc import Sequence
 
 from absl import flags
 
+from genmask_jax.runtime import accelerators
 from launch import commands, tpu_supervisor, tpu_vm
 from launch.tpu_vm import (
   create_command,
@@ -87,6 +88,24 @@ define.float("backoff_seconds", 60, "supervise: wait before a rebuild.")
 define.float("max_backoff_seconds", 1800, "supervise: the doubling's cap.")
 define.float(
   "stall_minutes", 60, "supervise: rebuild when no new step was logged for this long (0: never)."
+)
+define.float(
+  "transition_timeout",
+  60,
+  "supervise: minutes a slice may stay PROVISIONING, SUSPENDING, STOPPING, ... (and an install "
+  "command may run) before a rebuild (0: no limit).",
+)
+define.float(
+  "queue_timeout",
+  0,
+  "supervise: minutes a queued slice may wait for capacity (WAITING_FOR_RESOURCES) before it is "
+  "deleted and queued again (0: as long as it takes).",
+)
+define.integer(
+  "max_install_retries",
+  6,
+  "supervise: installs tried again on a healthy slice, in a row, before giving up (a package "
+  "index that is down); they have their own backoff and use up no restart.",
 )
 define.string(
   "mount_bucket", None, "install: gcsfuse-mount this data bucket read-only on every worker."
@@ -228,6 +247,8 @@ def parse_flags(argv: Sequence[str] | None = None) -> commands.Flags:
     commands.assignments(args.env, "--env", commands.ENV_NAME)
     if args.accelerator_type:
       runtime_version(args)
+    if action == "supervise":  # It expects an answer from each of the slice's hosts.
+      accelerators.parse(args.accelerator_type)
   except ValueError as e:
     error(str(e))
   return args

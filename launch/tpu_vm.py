@@ -171,9 +171,11 @@ def mount_command(args: commands.Flags) -> list[str]:
   return ssh_command(args, "all", remote)
 
 
-def install(shell: commands.Shell, args: commands.Flags) -> None:
+def install(shell: commands.Shell, args: commands.Flags, timeout: float | None = None) -> None:
+  """Uploads (or clones) the project and installs it on every worker; each command may run for
+  `timeout` seconds (subprocess.TimeoutExpired)."""
   for cmd in upload_commands(args):
-    shell.run(cmd)
-  shell.run(install_command(args))
+    shell.run(cmd, timeout)
+  shell.run(install_command(args), timeout)
   if args.mount_bucket:
-    shell.run(mount_command(args))
+    shell.run(mount_command(args), timeout)

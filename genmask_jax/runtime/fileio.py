@@ -11,6 +11,12 @@ TensorFlow. What differs between the two kinds of storage is decided here and no
 - Appending: gs:// has no append (gcsfs turns "a" into "w"). A `StagedFolder` is written
   locally and its changed files are uploaded whole on `sync()`; locally it is the folder itself.
 - Reading part of a file (`read_range`) is one ranged GET on gs://.
+- Conditional writes, for what one process at a time may own (runtime/lease.py): `create_new`
+  writes a file only if none is there, `replace_if_unchanged` only if nobody replaced it since
+  it was read (`read_versioned`). gs://: generation preconditions through google-cloud-storage
+  (gcsfs has none). Locally: a complete temp file hard-linked to the path, which fails when the
+  path exists (O_EXCL's guarantee, without a moment in which the file is empty); replacements
+  under an flock of a sibling `.lock` file.
 
 Errors name the path: a missing file is FileNotFoundError; a gs:// path without the client
 library or without credentials is StorageError saying what to install or set.
@@ -19,6 +25,8 @@ library or without credentials is StorageError saying what to install or set.
 from __future__ import annotations
 
 import contextlib
+import fcntl
+import hashlib
 import json
 import os
 import shutil
@@ -94,10 +102,26 @@ def _fs(path: str):
   return backend.fsspec_backend.fs(path)
 
 
+_gcs_client = None
+
+
+def _blob(path: str):
+  """google-cloud-storage's handle of object `path` (gs://bucket/name), one client per process."""
+  global _gcs_client
+  if _gcs_client is None:
+    from google.cloud import storage
+
+    _gcs_client = storage.Client()
+  bucket, _, name = path.removeprefix("gs://").partition("/")
+  return _gcs_client.bucket(bucket).blob(name)
+
+
 def reset_clients() -> None:
   """Forgets cached storage clients (after the environment that configures them changed)."""
+  global _gcs_client
   from etils.epath import backend
 
+  _gcs_client = None
   backend.fsspec_backend._get_filesystem.cache_clear()
   with contextlib.suppress(ImportError):
     import gcsfs
@@ -235,6 +259,88 @@ def write_text(path: str, text: str) -> None:
 
 def write_json(path: str, obj: Any, indent: int | None = None) -> None:
   write_text(path, json.dumps(obj, indent=indent, sort_keys=indent is not None))
+
+
+def _check_conditional(path: str) -> None:
+  if is_remote(path) and not path.startswith("gs://"):
+    raise ValueError(f"{path}: conditional writes are implemented for gs:// and local paths")
+
+
+def _digest(data: bytes) -> str:
+  return hashlib.sha256(data).hexdigest()
+
+
+def create_new(path: str, data: bytes) -> str | None:
+  """Writes `data` to `path` if no file is there, atomically; returns the new file's version
+  (see `read_versioned`), or None when a file was there. Of processes racing to create one
+  path, exactly one succeeds."""
+  _check_conditional(path)
+  if is_remote(path):
+    from google.api_core import exceptions
+
+    blob = _blob(path)
+    with _errors(path):
+      try:
+        blob.upload_from_string(data, if_generation_match=0)
+      except exceptions.PreconditionFailed:
+        return None
+    return str(blob.generation)
+  staged = StagedFile(path)
+  try:
+    with open(staged.local, "wb") as f:
+      f.write(data)
+    os.chmod(staged.local, 0o666 & ~_umask())
+    try:
+      os.link(staged.local, path)
+    except FileExistsError:
+      return None
+  finally:
+    staged.discard()
+  return _digest(data)
+
+
+def read_versioned(path: str) -> tuple[bytes, str]:
+  """The content of `path` and its version: on gs:// the object's generation, locally the
+  content's digest (a file rewritten with the same bytes counts as unchanged)."""
+  _check_conditional(path)
+  if is_remote(path):
+    from google.api_core import exceptions
+
+    blob = _blob(path)
+    with _errors(path):
+      try:
+        data = blob.download_as_bytes()
+      except exceptions.NotFound as e:
+        raise FileNotFoundError(f"{path} does not exist") from e
+    return data, str(blob.generation)
+  data = read_bytes(path)
+  return data, _digest(data)
+
+
+def replace_if_unchanged(path: str, data: bytes, version: str) -> str | None:
+  """Replaces `path` with `data` if it still has `version`; returns the new version, or None
+  when another writer replaced (or removed) it first. Atomic, like `create_new`."""
+  _check_conditional(path)
+  if is_remote(path):
+    from google.api_core import exceptions
+
+    blob = _blob(path)
+    with _errors(path):
+      try:
+        blob.upload_from_string(data, if_generation_match=int(version))
+      except exceptions.PreconditionFailed:
+        return None
+    return str(blob.generation)
+  with open(path + ".lock", "a") as lock:
+    fcntl.flock(lock, fcntl.LOCK_EX)  # Released when the file closes, or its process dies.
+    try:
+      current = read_bytes(path)
+    except FileNotFoundError:
+      return None
+    if _digest(current) != version:
+      return None
+    write_bytes(path, data)
+  return _digest(data)
 
 
 def save_image(path: str, image: Any) -> None:

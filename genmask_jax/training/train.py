@@ -325,6 +325,7 @@ def train(
           )
           logging.info("train step %s in %.1f s", how, time.perf_counter() - start)
           distributed.wait_for_peers("train_step_compiled")
+          preemption.start_stepping()  # A notice is now taken at a step: it saves that step.
         state, metrics = step_fn(state, frozen_vae, batch, rng)
         pending.append((step, metrics))
         preempted = preemption.reached(step)
