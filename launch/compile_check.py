@@ -33,16 +33,16 @@ def check_compiles(
   args: commands.Flags,
   steps: Sequence[str] = ("train", "segment"),
   num_slices: int = 1,
+  checkout: str | None = None,
 ) -> None:
-  """Compiles the job for its slices first; exits 1 naming the reason when it does not compile
-  or fit, unless --skip_compile_check."""
+  """Compiles the job for its slices first, in `checkout` (default: this one), whose config
+  files the workers run; exits 1 naming the reason when it does not compile or fit, unless
+  --skip_compile_check."""
   if args.skip_compile_check:
     shell.note("compile check skipped (--skip_compile_check)")
     return
-  try:  # The config path is relative to the checkout the workers get.
-    shell.check(
-      compile_command(args, steps, num_slices), cwd=args.source_dir or commands.PROJECT_ROOT
-    )
+  try:  # The config path is relative to the checkout.
+    shell.check(compile_command(args, steps, num_slices), cwd=checkout or commands.PROJECT_ROOT)
   except subprocess.CalledProcessError:
     slices = f"{num_slices} x " if num_slices > 1 else ""
     print(

@@ -206,7 +206,7 @@ def main(argv: Sequence[str] | None = None) -> None:
   args = parse_flags(argv)
   shell = commands.Shell(args.dry_run)
   if args.action in ("run", "supervise"):
-    check_compiles(shell, args)
+    check_compiles(shell, args, checkout=args.source_dir)
   if args.action == "run":
     _run(shell, args)
   elif args.action in ("supervise", "status"):

@@ -139,9 +139,9 @@ def run_workers(root, workdir, n, slices=1) -> list[str]:
   raise AssertionError((failed or outputs)[0][-3000:])
 
 
-# Two slices reduce the gradients in another order than one (within a slice, then across):
-# the losses agree to float32 rounding (measured: at most 2e-7 apart), not bitwise.
-SLICE_ATOL = 1e-5
+# Two processes sum across processes in another order than one process does: the losses agree
+# to float32 rounding, not bitwise (measured: at most 4.8e-7 apart, as one slice or as two).
+PROCESSES_ATOL = 1e-5
 
 
 @pytest.mark.xdist_group("heavy")
@@ -162,7 +162,7 @@ def test_two_processes_match_one(root, tmp_path):
     with open(tmp_path / run / "metrics.jsonl") as f:
       assert len(f.readlines()) == 4
     np.testing.assert_allclose(
-      [run_losses[s] for s in range(1, 5)], [one_losses[s] for s in range(1, 5)], atol=SLICE_ATOL
+      [run_losses[s] for s in one_losses], list(one_losses.values()), atol=PROCESSES_ATOL
     )
 
 
