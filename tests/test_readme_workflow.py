@@ -36,6 +36,7 @@ SUBSTITUTIONS = [
   ("/models/Qwen2.5-VL-7B-Instruct", "tiny_qwen"),
   # The trial's batch of 2 does not split over a slice's chips: the compile check refuses it.
   ("launch.tpu_pod run", "launch.tpu_pod run --skip_compile_check"),
+  ("launch.gke submit", "launch.gke submit --skip_compile_check"),
 ]
 # Inputs the test writes, where the printed commands read them (the trial paragraph names each).
 STAND_INS = (
@@ -68,6 +69,7 @@ RUN_MODULES = {
   "launch.predict",
   "launch.generate",
   "launch.tpu_pod",
+  "launch.gke",
   "launch.slurm_gpu",
 }
 
