@@ -219,7 +219,7 @@ def check(command: str, output: str, root: str, refcoco: dict) -> None:
     count, columns = len(args["prompt"]), int(args.get("columns", [4])[0])
     rows = -(-count // columns)
     assert image_size(at(args["out"][0])) == (min(count, columns) * side, rows * side)
-  elif module in ("launch.tpu_pod", "launch.slurm_gpu"):
+  elif module in ("launch.tpu_pod", "launch.slurm_gpu", "launch.gke"):
     assert "genmask_jax.main" in output or "launch.precompute" in output
   else:
     raise AssertionError(f"no check for {command}")
