@@ -40,7 +40,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   # buy little (docs/results.md).
   config.total_steps = 4000
   config.optimizer.update(lr=3e-3, min_lr=1e-5, warmup_steps=100, b2=0.95)
-  config.mesh = dict(data=1, fsdp=-1, tensor=1)
+  config.mesh = dict(data=1, fsdp=-1, tensor=1, slices=-1)
   config.checkpoint = dict(every=500, keep=2, async_save=True)
   config.log_every = 100
   config.eval.update(batch_size=32, num_overlays=12, overlay_tile=128)

@@ -76,7 +76,9 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     grad_clip=1.0,
     ema_decay=0.0,  # > 0: evaluate and serve a moving average of the weights (not the paper's).
   )
-  config.mesh = dict(data=1, fsdp=-1, tensor=1)  # -1: all remaining devices.
+  # One slice's shape (-1: all remaining devices); slices -1: the TPU slices the job runs on (1 off
+  # TPU; a count > 1 there makes each process a slice). Data parallelism spans the slices.
+  config.mesh = dict(data=1, fsdp=-1, tensor=1, slices=-1)
   config.checkpoint = dict(every=500, keep=3, async_save=True)
   config.log_every = 50
   return config

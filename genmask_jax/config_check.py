@@ -75,29 +75,40 @@ def check_features(config: ml_collections.ConfigDict, field: str, features_dir: 
     )
 
 
+def mesh_axes(
+  config: ml_collections.ConfigDict, num_devices: int | None = None, num_slices: int | None = None
+) -> dict[str, int]:
+  """The sizes of the mesh `config.mesh` gives on this job's devices (default), or on a target's
+  `num_devices` devices in `num_slices` slices."""
+  try:
+    if num_devices is None:
+      devices = jax.devices()
+      num_devices, num_slices = len(devices), sharding.device_slices(config.mesh, devices)
+    return sharding.global_shape(config.mesh, num_devices, num_slices)
+  except ValueError as e:
+    raise ConfigError(f"config: mesh {config.mesh.to_dict()}: {e}") from e
+
+
 def check_batch(
   config: ml_collections.ConfigDict,
   field: str,
   global_batch: int,
   parts: int = 1,
   num_devices: int | None = None,
+  num_slices: int | None = None,
 ) -> None:
   """A global batch of `global_batch` rows (from `field`), in `parts` microbatches, splits over
-  the mesh's batch axes on `num_devices` (default: this job's devices)."""
-  num_devices = num_devices or jax.device_count()
-  sizes = [config.mesh[axis] for axis in sharding.MESH_AXES]
-  try:
-    resolved = sharding.mesh_shape(sizes, num_devices)
-  except ValueError as e:
-    raise ConfigError(f"config: mesh {config.mesh.to_dict()}: {e}") from e
-  shape = dict(zip(sharding.MESH_AXES, resolved, strict=True))
+  the mesh's batch axes on this job's devices (default) or on a target's `num_devices` devices in
+  `num_slices` slices."""
+  shape = mesh_axes(config, num_devices, num_slices)
   shards = math.prod(shape[axis] for axis in sharding.BATCH_AXES)
   if global_batch % (shards * parts):
     into = f" in {parts} microbatches (config.microbatches)" if parts > 1 else ""
+    devices = math.prod(shape.values())
     raise ConfigError(
       f"config: {field} gives a global batch of {global_batch}, which does not split over the "
-      f"{shards} batch shards of the mesh {shape} (data x fsdp over {num_devices} "
-      f"devices){into}: use a multiple of {shards * parts}"
+      f"{shards} batch shards of the mesh {shape} (data x fsdp over {devices} devices){into}: "
+      f"use a multiple of {shards * parts}"
     )
 
 

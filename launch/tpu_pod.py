@@ -29,7 +29,6 @@ from __future__ import annotations
 
 import os
 import shlex
-import subprocess
 import sys
 import time
 from collections.abc import Sequence
@@ -38,6 +37,7 @@ from absl import flags
 
 from genmask_jax.runtime import accelerators
 from launch import commands, tpu_supervisor, tpu_vm
+from launch.compile_check import check_compiles
 from launch.tpu_vm import (
   create_command,
   delete_command,
@@ -122,37 +122,6 @@ define.bool(
   help="run, supervise: queue without compiling for --accelerator_type first (launch/compile).",
 )
 define.bool("dry_run", help="Print the commands, run none (the compile check still runs).")
-
-
-def compile_command(args: commands.Flags) -> list[str]:
-  """launch/compile.py for the job: its train and segmentation (evaluation) steps on the slice."""
-  overrides = commands.assignments(args.config_overrides, "--config_overrides", commands.CONFIG_KEY)
-  return [
-    sys.executable,
-    "-m",
-    "launch.compile",
-    f"--config={args.config}",
-    f"--topology={args.accelerator_type}",
-    "--steps=train,segment",
-    *(f"--config.{name}={value}" for name, value in overrides),
-  ]
-
-
-def check_compiles(shell: commands.Shell, args: commands.Flags) -> None:
-  """Compiles the job for the slice before anything is created; exits 1 naming the reason."""
-  if args.skip_compile_check:
-    shell.note("compile check skipped (--skip_compile_check)")
-    return
-  try:  # The config path is relative to the checkout the workers get.
-    shell.check(compile_command(args), cwd=args.source_dir or commands.PROJECT_ROOT)
-  except subprocess.CalledProcessError:
-    print(
-      f"error: {args.config} does not compile or does not fit {args.accelerator_type} (see "
-      "launch.compile's report above); nothing was created or queued. Change the knobs it "
-      "names, or pass --skip_compile_check to queue regardless.",
-      file=sys.stderr,
-    )
-    raise SystemExit(1) from None
 
 
 def train_command(args: commands.Flags) -> list[str]:
@@ -258,7 +227,7 @@ def main(argv: Sequence[str] | None = None) -> None:
   args = parse_flags(argv)
   shell = commands.Shell(args.dry_run)
   if args.action in ("run", "supervise"):
-    check_compiles(shell, args)
+    check_compiles(shell, args, checkout=args.source_dir)
   if args.action == "run":
     _run(shell, args)
   elif args.action in ("supervise", "status"):

@@ -139,21 +139,30 @@ def upload_commands(args: commands.Flags) -> list[list[str]]:
   ]
 
 
-def install_command(args: commands.Flags) -> list[str]:
-  if args.repo:
-    checkout = [["git", "-C", REMOTE_DIR, "checkout", "--quiet", args.ref]] if args.ref else []
-    source = [["git", "clone", "--quiet", args.repo, REMOTE_DIR], *checkout]
-  else:
-    source = [["mkdir", REMOTE_DIR], ["tar", "-xzf", REMOTE_TARBALL, "-C", REMOTE_DIR]]
+def clone_steps(args: commands.Flags) -> list[list[str]]:
+  """--repo cloned into REMOTE_DIR, at --ref if given."""
+  checkout = [["git", "-C", REMOTE_DIR, "checkout", "--quiet", args.ref]] if args.ref else []
+  return [["git", "clone", "--quiet", args.repo, REMOTE_DIR], *checkout]
+
+
+def environment_steps(args: commands.Flags) -> list[list[str]]:
+  """A --python_version virtual environment in REMOTE_DIR/.venv (made by uv: TPU images ship an
+  older Python) with the checkout's --requirements and jax[tpu]."""
   python = f"{REMOTE_DIR}/.venv/bin/python"
-  remote = and_steps(
-    ["rm", "-rf", REMOTE_DIR],
-    *source,
+  return [
     ["python3", "-m", "pip", "install", "--user", "--quiet", "uv"],
     ["python3", "-m", "uv", "venv", f"--python={args.python_version}", f"{REMOTE_DIR}/.venv"],
     ["python3", "-m", "uv", "pip", "install", f"--python={python}"]
     + ["-r", f"{REMOTE_DIR}/{args.requirements}", jax_tpu()],
-  )
+  ]
+
+
+def install_command(args: commands.Flags) -> list[str]:
+  if args.repo:
+    source = clone_steps(args)
+  else:
+    source = [["mkdir", REMOTE_DIR], ["tar", "-xzf", REMOTE_TARBALL, "-C", REMOTE_DIR]]
+  remote = and_steps(["rm", "-rf", REMOTE_DIR], *source, *environment_steps(args))
   return ssh_command(args, "all", remote)
 
 

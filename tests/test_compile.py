@@ -13,6 +13,7 @@ import numpy as np
 import pytest
 
 from configs.refcoco import get_config
+from genmask_jax.config_check import ConfigError
 from genmask_jax.fit import check, hlo, steps, targets
 from genmask_jax.models import attention
 from genmask_jax.models.genmask import Models
@@ -110,11 +111,12 @@ def test_reported_state_is_the_parameters_and_optimizer():
   assert report.inputs["state"] == expected_state_bytes(trial(4), 4)
 
 
-def test_two_slices_keep_one_slice_of_state_per_chip():
-  """Two v5e slices: data parallelism across them, FSDP within each, so that each chip holds
-  what it holds on one slice, at twice the global batch, and sends the other slice only its
-  shard of the gradients to sum (fp32; TPU tiles pad the toy model's small vectors)."""
-  one, two = train_report("v5litepod-4"), train_report("v5litepod-4", num_slices=2)
+@pytest.mark.parametrize("accelerator", ["v5litepod-4", "v5p-8"])
+def test_two_slices_keep_one_slice_of_state_per_chip(accelerator):
+  """Two v5e or v5p slices: data parallelism across them, FSDP within each, so that each chip
+  holds what it holds on one slice, at twice the global batch, and sends the other slice only
+  its shard of the gradients to sum (fp32; TPU tiles pad the toy model's small vectors)."""
+  one, two = train_report(accelerator), train_report(accelerator, num_slices=2)
   assert two.compiled and two.fits(), two.error
   assert two.chips == 8 and two.inputs["state"] == one.inputs["state"]
   assert two.inputs["batch"] == one.inputs["batch"]
@@ -226,6 +228,22 @@ def test_a_config_that_does_not_fit_exits_nonzero_naming_the_knobs():
   assert "step train does not fit v5litepod-4" in message, message[-3000:]
   for knob in ("remat policy", "mesh split", "per-chip batch", "microbatches", "chips"):
     assert knob in message
+
+
+def test_two_slices_mesh_runs_data_across_slices():
+  """config.mesh is one slice's shape: data x slices spans the slices, each fsdp group stays in
+  one; mesh.slices must match the target's slices."""
+  config = trial(8)
+  config.mesh.update(data=1, fsdp=4, tensor=1)
+  target = check.Target(accelerators.parse("v5p-8"), num_slices=2)
+  mesh = check.target_mesh(config, target)
+  assert dict(mesh.shape) == {"data": 2, "fsdp": 4, "tensor": 1}
+  assert check.mesh_of(config, target) == dict(mesh.shape)
+  for data_index in range(2):
+    assert {d.slice_index for d in mesh.devices[data_index].flat} == {data_index}
+  config.mesh.slices = 3
+  with pytest.raises(ConfigError, match=r"mesh.slices is 3, but the devices span 2 TPU slice"):
+    check.validate(config, target)
 
 
 @pytest.mark.parametrize("accelerator", ["v6e-64", "v5p-64", "v5litepod-16"])

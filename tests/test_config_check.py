@@ -137,3 +137,18 @@ def test_the_paper_mix_draws_semantic_classes_per_use():
     "cocostuff": 3,
     "pascal_part": 3,
   }
+
+
+def test_slices_off_tpu_are_one_per_process(config):
+  """CPU devices have no TPU slices: mesh.slices > 1 needs one process per slice."""
+  config.mesh = dict(data=1, fsdp=-1, tensor=1, slices=2)
+  refused(
+    config,
+    "train",
+    "mesh.slices is 2: devices without TPU slices (CPU, GPU) make one slice per process, and "
+    "this job has 1 process(es): set --config.mesh.slices=1",
+  )
+  config.mesh.slices = 0
+  refused(config, "train", "mesh.slices is 0: give a count >= 1, or -1 for the devices' own")
+  config.mesh.slices = 1
+  validate(config, "train")

@@ -38,6 +38,7 @@ SUBSTITUTIONS = [
   # The trial's batch of 2 does not split over a slice's chips: the compile check refuses it, and
   # launch.compile compiles it for one chip.
   ("launch.tpu_pod run", "launch.tpu_pod run --skip_compile_check"),
+  ("launch.gke submit", "launch.gke submit --skip_compile_check"),
   ("--topology=v5p-64", "--topology=v5litepod-1"),
   ("--topology=v6e-64", "--topology=v6e-1"),
 ]
@@ -72,6 +73,7 @@ RUN_MODULES = {
   "launch.predict",
   "launch.generate",
   "launch.tpu_pod",
+  "launch.gke",
   "launch.slurm_gpu",
 }
 
@@ -226,7 +228,7 @@ def check(command: str, output: str, root: str, refcoco: dict) -> None:
     for step in ("train",) if searched else ("train", "segment", "generate", "vae_encode"):
       assert re.search(rf"^(.* )?{step} .* yes ", output, re.M), f"{step} does not fit:\n{output}"
     assert "choice: " in output or not searched
-  elif module in ("launch.tpu_pod", "launch.slurm_gpu"):
+  elif module in ("launch.tpu_pod", "launch.slurm_gpu", "launch.gke"):
     assert "genmask_jax.main" in output or "launch.precompute" in output
   else:
     raise AssertionError(f"no check for {command}")

@@ -49,9 +49,18 @@ class Batches:
   vae: int | None = None  # Eight images per chip.
 
 
+def slices(config: ml_collections.ConfigDict, target: Target) -> int:
+  """The target's slices, which `config.mesh.slices` must allow."""
+  try:
+    return sharding.resolve_slices(config.mesh, target.num_slices, target.hosts)
+  except ValueError as e:
+    raise config_check.ConfigError(f"config: {e} (--num_slices={target.num_slices})") from e
+
+
 def validate(config: ml_collections.ConfigDict, target: Target) -> None:
   """The config's own checks, and its training batches against the target's chips."""
   config_check.validate(config, "model")
+  num_slices = slices(config, target)
   for task in ("segmentation", "generation"):
     if task == "segmentation" or config.data[task].sources:
       config_check.check_batch(
@@ -60,6 +69,7 @@ def validate(config: ml_collections.ConfigDict, target: Target) -> None:
         config.data[task].global_batch_size,
         config.get("microbatches", 1),
         target.chips,
+        num_slices,
       )
 
 
@@ -79,7 +89,7 @@ def inference_batches(
   }
   batches = {name: value for name, value in batches.items() if name in names}
   for batch, field in batches.values():
-    config_check.check_batch(config, field, batch, num_devices=target.chips)
+    config_check.check_batch(config, field, batch, 1, target.chips, slices(config, target))
   return {name: batch for name, (batch, _) in batches.items()}
 
 
@@ -127,9 +137,4 @@ def compile_for(
 
 def mesh_of(config: ml_collections.ConfigDict, target: Target) -> dict[str, int]:
   """The mesh `config.mesh` resolves to on the target (data across all slices)."""
-  per_slice = sharding.mesh_shape(
-    [config.mesh[a] for a in sharding.MESH_AXES], target.accelerator.chips
-  )
-  shape = dict(zip(sharding.MESH_AXES, per_slice, strict=True))
-  shape["data"] *= target.num_slices
-  return shape
+  return sharding.global_shape(config.mesh, target.chips, slices(config, target))

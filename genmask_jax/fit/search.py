@@ -47,7 +47,7 @@ class Candidate:
   def apply(self, config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
     out = config.copy_and_resolve_references()
     out.dit.remat_policy = self.remat
-    out.mesh = dict(zip(("data", "fsdp", "tensor"), self.mesh, strict=True))
+    out.mesh.update(dict(zip(("data", "fsdp", "tensor"), self.mesh, strict=True)))  # Slices kept.
     out.microbatches = self.microbatches
     return out
 

@@ -2,9 +2,11 @@
 
 Models only know logical names (`embed`, `heads`, `activation_batch`, ...). A config gives the
 mesh shape over the axes (data, fsdp, tensor) and the rules; everything else is derived here.
-The shape is that of one slice: on several TPU slices (devices with distinct `slice_index`) the
-data axis also runs across them, over the data-center network, while fsdp and tensor stay
-within a slice, so that only the gradient reduction crosses slices.
+The shape is that of one slice; `mesh.slices` says how many slices the job spans (-1: the TPU
+slices the devices belong to, their `slice_index`; 1 off TPU). The data axis also runs across
+the slices, over the data-center network, while fsdp and tensor stay within a slice, so that only
+the gradient reduction crosses slices. Devices without TPU slices (CPU, GPU hosts) form one slice
+per process with `mesh.slices` = the process count: fsdp within a host, data across hosts.
 """
 
 from __future__ import annotations
@@ -21,6 +23,7 @@ from jax.experimental import mesh_utils
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 MESH_AXES = ("data", "fsdp", "tensor")
+AUTO_SLICES = -1  # mesh.slices: as many as the devices' TPU slices, 1 elsewhere.
 BATCH_AXES = ("data", "fsdp")
 
 # FSDP over `fsdp`, optional tensor parallelism over `tensor`, batch over data x fsdp.
@@ -56,18 +59,62 @@ def mesh_shape(sizes: Sequence[int], num_devices: int) -> tuple[int, ...]:
   return tuple(sizes)
 
 
-def num_slices(devices: Sequence[Any]) -> int:
-  return len({getattr(d, "slice_index", None) or 0 for d in devices})
+def tpu_slices(devices: Sequence[Any]) -> int | None:
+  """How many TPU slices `devices` span (distinct `slice_index`); None for other devices."""
+  if any(d.platform != "tpu" for d in devices):
+    return None
+  # Compile-only devices of a single-slice topology have no slice_index: they are slice 0.
+  return len({getattr(d, "slice_index", 0) for d in devices})
 
 
-def make_mesh(config: ml_collections.ConfigDict, devices: Sequence[Any] | None = None) -> Mesh:
-  """A mesh over (data, fsdp, tensor) from one slice's `config.{data,fsdp,tensor}` (-1 = the
-  rest); with several slices, data spans them (data x slices)."""
+def resolve_slices(mesh_config: ml_collections.ConfigDict, tpu: int | None, processes: int) -> int:
+  """The slice count `mesh_config.slices` means for devices in `tpu` TPU slices (None: devices
+  without any) over `processes` processes; ValueError naming the field otherwise."""
+  slices = mesh_config.get("slices", AUTO_SLICES)  # Configs older than the field: its default.
+  if slices == AUTO_SLICES:
+    return tpu or 1
+  if slices < 1:
+    raise ValueError(f"mesh.slices is {slices}: give a count >= 1, or -1 for the devices' own")
+  if tpu is not None and slices != tpu:
+    raise ValueError(
+      f"mesh.slices is {slices}, but the devices span {tpu} TPU slice(s): set "
+      f"--config.mesh.slices={tpu}, or -1 to follow the devices"
+    )
+  if tpu is None and slices not in (1, processes):
+    allowed = "1" if processes == 1 else f"1 or {processes}"
+    raise ValueError(
+      f"mesh.slices is {slices}: devices without TPU slices (CPU, GPU) make one slice per "
+      f"process, and this job has {processes} process(es): set --config.mesh.slices={allowed}"
+    )
+  return slices
+
+
+def device_slices(mesh_config: ml_collections.ConfigDict, devices: Sequence[Any]) -> int:
+  """The slice count `mesh_config.slices` means on `devices`."""
+  processes = len({d.process_index for d in devices})
+  return resolve_slices(mesh_config, tpu_slices(devices), processes)
+
+
+def global_shape(
+  mesh_config: ml_collections.ConfigDict, num_devices: int, slices: int
+) -> dict[str, int]:
+  """Axis sizes of the whole mesh: one slice's `mesh_config` (-1 = the rest) on num_devices /
+  slices devices, the data axis times `slices`."""
+  if num_devices % slices:
+    raise ValueError(f"{num_devices} devices do not split into {slices} equal slices")
+  sizes = [mesh_config[a] for a in MESH_AXES]
+  shape = dict(zip(MESH_AXES, mesh_shape(sizes, num_devices // slices), strict=True))
+  shape["data"] *= slices
+  return shape
+
+
+def make_mesh(mesh_config: ml_collections.ConfigDict, devices: Sequence[Any] | None = None) -> Mesh:
+  """A mesh over (data, fsdp, tensor) from one slice's `mesh_config.{data,fsdp,tensor}` (-1 =
+  the rest); across `mesh_config.slices` slices, data spans them (data x slices)."""
   devices = list(devices if devices is not None else jax.devices())
-  slices = num_slices(devices)
-  if len(devices) % slices:
-    raise ValueError(f"{len(devices)} devices do not split into {slices} equal slices")
-  per_slice = mesh_shape([config[a] for a in MESH_AXES], len(devices) // slices)
+  slices = device_slices(mesh_config, devices)
+  shape = global_shape(mesh_config, len(devices), slices)
+  per_slice = (shape["data"] // slices, shape["fsdp"], shape["tensor"])
   # A mesh axis may run across several axes of the chips' torus (fsdp over all 64 chips of a
   # v6e 8 x 8 slice): jax.make_mesh allows that on v5e only.
   if slices == 1:
@@ -75,7 +122,11 @@ def make_mesh(config: ml_collections.ConfigDict, devices: Sequence[Any] | None =
   else:
     dcn = (slices,) + (1,) * (len(MESH_AXES) - 1)
     grid = mesh_utils.create_hybrid_device_mesh(
-      per_slice, dcn, devices, allow_split_physical_axes=True
+      per_slice,
+      dcn,
+      devices,
+      process_is_granule=tpu_slices(devices) is None,
+      allow_split_physical_axes=True,
     )
   return Mesh(grid, MESH_AXES, axis_types=(jax.sharding.AxisType.Auto,) * len(MESH_AXES))
 
