@@ -62,7 +62,7 @@ def test_accelerator_names():
   "name, hosts", [("v5litepod-1", 1), ("v6e-8", 1), ("v5p-8", 1), ("v5litepod-16", 4), ("v4-32", 4)]
 )
 def test_slices_have_their_hosts(name, hosts):
-  """A single-host slice (one chip, or a v6e's eight) is one process; larger ones four chips each."""
+  """A single-host slice (one chip, a v6e's eight) is one process; larger ones 4 chips each."""
   devices = targets.tpu_devices(accelerators.parse(name))
   assert len(devices) == accelerators.parse(name).chips
   assert len({d.process_index for d in devices}) == hosts

@@ -34,6 +34,8 @@ def memory_rank(policy: str, kernel: str) -> int:
   if policy == "dots" and kernel in attention.FLASH_KERNELS:
     policy = "dots_no_batch"
   return BY_MEMORY.index(policy)
+
+
 MESHES = ((1, -1, 1), (1, -1, 2), (2, -1, 1))  # (data, fsdp, tensor) per slice.
 MICROBATCHES = (1, 2, 4, 8)
 
