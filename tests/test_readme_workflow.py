@@ -57,7 +57,6 @@ SKIPPED = {
   "no stand-in for ADE20K, COCO-Stuff or PASCAL-Part": (
     r"prepare_data (ade20k|cocostuff|pascal-part) |--samples=data/ade20k/"
   ),
-  "needs GPUs": r"--gpus=all",
   "needs a TPU pod or a SLURM cluster (their --dry_run commands run)": (
     r"^(?!.*--dry_run)(ssh-add |FLAGS=|nohup |python -m launch\.(tpu_pod|slurm_gpu) )"
   ),

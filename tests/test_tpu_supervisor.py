@@ -449,13 +449,14 @@ def test_lost_hosts_rebuild_the_slice_and_are_not_crashes(root, source, tmp_path
   result = run_supervisor(cloud, argv)
   assert result.returncode == 1, result.stderr[-3000:]
   fake = cloud.state()
-  assert [f["exits"] for f in fake["faults"]] == [[137, 134]] * 3  # Killed; its peer aborted.
+  # Killed; its peer aborted (SIGABRT, or SIGSEGV when the abort's teardown crashes: seen in CI).
+  assert all(f["exits"][0] == 137 and f["exits"][1] in (134, 139) for f in fake["faults"])
+  assert len(fake["faults"]) == 3, fake["faults"]
   assert fake["starts"] == 3 and cloud.verbs().count("create") == 3
   restarts = events(workdir, "restart")
-  assert len(restarts) == 2 and all(
-    "lost a host (or a notice stopped training): fake-w-0 exited 137, fake-w-1 exited 134 peer" in r
-    for r in restarts
-  )
+  lost = r"lost a host \(or a notice stopped training\): fake-w-0 exited 137, fake-w-1 exited "
+  lost += r"13[49] peer"
+  assert len(restarts) == 2 and all(re.search(lost, r) for r in restarts), restarts
   assert "--max_restarts=2 reached after 2 restarts" in events(workdir, "gave up")[0]
   assert "crash" not in supervisor_state(workdir)
 
