@@ -1,5 +1,5 @@
 """The README's first command as printed, at full length (~12 minutes on 2 cores): not part of
-the default run (`-m "not full_demo"` in pyproject.toml); CI runs it after the suite with
+the default run (`addopts` in pyproject.toml); CI runs it after the suite with
 `pytest -m full_demo`, on a CPU other than the one docs/results.md's figures come from."""
 
 import json

@@ -233,7 +233,7 @@ def check(command: str, output: str, root: str, refcoco: dict) -> None:
     raise AssertionError(f"no check for {command}")
 
 
-@pytest.mark.slow
+@pytest.mark.e2e
 def test_readme_workflow_runs_as_printed(tmp_path):
   trial, setup, steps = workflow()
   prose = " ".join(trial.split())

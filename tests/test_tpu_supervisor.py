@@ -708,7 +708,7 @@ def reference_two_workers(root, tmp_path_factory):
   return workdir, time.monotonic() - started
 
 
-@pytest.mark.slow
+@pytest.mark.e2e
 @pytest.mark.xdist_group("heavy")
 def test_two_workers_survive_a_notice_a_dead_host_and_a_supervisor_kill(
   root, reference_two_workers, source, tmp_path
