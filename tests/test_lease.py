@@ -45,7 +45,9 @@ def test_of_racing_writers_exactly_one_succeeds(folder):
 
   def replace(i: int, version: str) -> None:
     barrier.wait()
-    replaced.append(fileio.replace_if_unchanged(f"{folder}/race", str(i).encode(), version))
+    # Unlike any created content: locally a version is the content's digest, so a rewrite with
+    # the created bytes would leave the version unchanged (and a second replace would succeed).
+    replaced.append(fileio.replace_if_unchanged(f"{folder}/race", f"r{i}".encode(), version))
 
   for target, extra in ((create, ()), (replace, None)):
     if extra is None:
