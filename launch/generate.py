@@ -19,7 +19,6 @@ import numpy as np
 from absl import app, flags
 from PIL import Image
 
-from genmask_jax.inference import queries
 from genmask_jax.runtime import fileio, log_filter
 from launch import run_flags
 
@@ -55,9 +54,8 @@ def grid(images: np.ndarray, columns: int) -> np.ndarray:
 
 def main(argv: list[str]) -> None:
   log_filter.quiet_library_logs()
+  samples = run_flags.samples(RUN, "generation", _PROMPT.value)
   model = run_flags.open_run(RUN, argv)
-  given = [queries.generation_record(i, p) for i, p in enumerate(_PROMPT.value)]
-  samples = run_flags.samples(RUN, given, "generation")
   pixels = model.generate_samples(
     samples,
     features=RUN.features.value,

@@ -16,17 +16,10 @@ foreground), and `..._overlay.png`, the image with the mask in red.
 
 from __future__ import annotations
 
-import os
-import re
-
-import numpy as np
 from absl import app, flags
-from PIL import Image
 
-from genmask_jax.data import records
 from genmask_jax.evaluation import report
-from genmask_jax.inference import queries
-from genmask_jax.runtime import fileio, log_filter
+from genmask_jax.runtime import log_filter
 from launch import run_flags
 
 RUN = run_flags.define()
@@ -41,30 +34,15 @@ _OUT = flags.DEFINE_string("out", None, "Output folder.", required=True)
 
 def main(argv: list[str]) -> None:
   log_filter.quiet_library_logs()
-  images, texts = _IMAGE.value, _TEXT.value
-  texts = texts * len(images) if len(texts) == 1 else texts
-  if len(texts) != len(images):
-    raise app.UsageError(
-      f"give one --text per --image, or one for all: got {len(images)} images, {len(texts)} texts"
-    )
+  samples = run_flags.samples(RUN, "segmentation", _TEXT.value, _IMAGE.value)
   model = run_flags.open_run(RUN, argv)
-  given = [
-    queries.segmentation_record(p, t, i) for i, (p, t) in enumerate(zip(images, texts, strict=True))
-  ]
-  samples = run_flags.samples(RUN, given, "segmentation")
   masks = model.segment_samples(
     samples,
     features=RUN.features.value,
     reasoning=_REASONING.value,
     batch_size=RUN.batch_size.value,
   )
-  fileio.makedirs(_OUT.value)
-  for i, (sample, mask) in enumerate(zip(samples, masks, strict=True)):
-    name = re.sub(r"[^\w.-]+", "_", os.path.splitext(os.path.basename(sample["id"]))[0])
-    base = os.path.join(_OUT.value, f"{i:03d}_{name}")
-    fileio.save_image(f"{base}_mask.png", Image.fromarray(mask.astype(np.uint8) * 255))
-    overlay = report.paint(records.decode_image(sample), mask, report.PREDICTION_RGB)
-    fileio.save_image(f"{base}_overlay.png", Image.fromarray(overlay))
+  for sample, base in zip(samples, report.save_masks(_OUT.value, samples, masks), strict=True):
     print(f"{sample['id']} {sample['text']!r}: {base}_mask.png {base}_overlay.png")
 
 

@@ -106,8 +106,21 @@ def open_run(run: types.SimpleNamespace, argv: Sequence[str]) -> GenMask:
   )
 
 
-def samples(run: types.SimpleNamespace, given: list[queries.Sample], task: str) -> list:
-  """The queries given on the command line, then the --sample_id samples of --records."""
+def samples(
+  run: types.SimpleNamespace, task: str, texts: Sequence[str], images: Sequence[str] = ()
+) -> list[queries.Sample]:
+  """The queries given on the command line (segmentation: one text per image, or one for all;
+  generation: the texts are the prompts), then the --sample_id samples of --records."""
+  if task == "segmentation":
+    texts = list(texts) * len(images) if len(texts) == 1 else texts
+    if len(texts) != len(images):
+      raise app.UsageError(
+        f"give one --text per --image, or one for all: got {len(images)} images, {len(texts)} texts"
+      )
+    pairs = enumerate(zip(images, texts, strict=True))
+    given = [queries.segmentation_record(image, text, i) for i, (image, text) in pairs]
+  else:
+    given = [queries.generation_record(i, prompt) for i, prompt in enumerate(texts)]
   store = []
   if run.sample_id.value:
     if run.records.value is None:

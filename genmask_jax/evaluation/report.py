@@ -1,4 +1,5 @@
-"""Evaluation output: per-split results as JSON and a console table, and PNG overlay grids.
+"""Evaluation output: per-split results as JSON and a console table, PNG overlay grids, and the
+mask and overlay PNGs of predictions.
 
 An overlay grid has one row per sample and three tiles per row: the image, the image with the
 ground truth (green; ignored pixels grey) and the image with the prediction (red). Each tile is
@@ -8,12 +9,13 @@ the image letterboxed into tile x tile, so a grid of N samples is (3 tile) wide,
 from __future__ import annotations
 
 import os
+import re
 from collections.abc import Mapping, Sequence
 
 import numpy as np
 from PIL import Image
 
-from genmask_jax.data import masks
+from genmask_jax.data import masks, records
 from genmask_jax.evaluation import metrics
 from genmask_jax.runtime import fileio
 
@@ -57,6 +59,20 @@ def _letterbox(rgb: np.ndarray, tile: int, resample: Image.Resampling) -> np.nda
 def paint(image: np.ndarray, where: np.ndarray, rgb: tuple[int, int, int]) -> np.ndarray:
   blended = (1 - ALPHA) * image + ALPHA * np.asarray(rgb, np.float32)
   return np.where(where[..., None], blended, image).round().astype(np.uint8)
+
+
+def save_masks(out: str, samples: Sequence[dict], predicted: Sequence[np.ndarray]) -> list[str]:
+  """Writes query i's mask (0 / 255 at its image's size) and its image with the mask in red as
+  `{out}/{i:03d}_{name}_mask.png` and `..._overlay.png`; returns the path prefixes."""
+  fileio.makedirs(out)
+  bases = []
+  for i, (sample, mask) in enumerate(zip(samples, predicted, strict=True)):
+    name = re.sub(r"[^\w.-]+", "_", os.path.splitext(os.path.basename(sample["id"]))[0])
+    bases.append(os.path.join(out, f"{i:03d}_{name}"))
+    fileio.save_image(f"{bases[-1]}_mask.png", Image.fromarray(mask.astype(np.uint8) * 255))
+    overlay = paint(records.decode_image(sample), mask, PREDICTION_RGB)
+    fileio.save_image(f"{bases[-1]}_overlay.png", Image.fromarray(overlay))
+  return bases
 
 
 def overlay_row(
