@@ -2,10 +2,10 @@
 cannot drift from the code.
 
 The commands are the fenced bash blocks of the "## Workflow" section from "### 1." on, preceded
-by the trial paragraph's own block (the tiny Qwen2.5-VL, random diffusers WAN weights). They
-run in order in a scratch folder, each through bash, with only the changes the trial paragraph
-names (SUBSTITUTIONS); the test writes the other stand-ins where the commands read them. Commands
-with no stand-in match exactly one rule of SKIPPED, and each rule must match a command.
+by the block of docs/trial.md, the trial the README links (the tiny Qwen2.5-VL, random diffusers
+WAN weights). They run in order in a scratch folder, each through bash, with only the changes the
+trial names (SUBSTITUTIONS); the test writes the other stand-ins where the commands read them.
+Commands with no stand-in match exactly one rule of SKIPPED, and each rule must match a command.
 """
 
 import json
@@ -25,10 +25,10 @@ from configs.refcoco import get_config
 from genmask_jax.data import store
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-TRIAL_MARK = "**Trying the workflow without the real data.**"
+TRIAL = "docs/trial.md"
 REFCOCO_JSON = "fixtures/refcoco_tfds_dummy/refcoco.json"
 
-# The trial paragraph's changes: (as printed, for the trial).
+# The trial's changes (docs/trial.md): (as printed, for the trial).
 SUBSTITUTIONS = [
   (":1.3b", ":trial"),
   (":14b", ":trial"),
@@ -42,7 +42,7 @@ SUBSTITUTIONS = [
   ("--topology=v5p-64", "--topology=v5litepod-1"),
   ("--topology=v6e-64", "--topology=v6e-1"),
 ]
-# Inputs the test writes, where the printed commands read them (the trial paragraph names each).
+# Inputs the test writes, where the printed commands read them (docs/trial.md names each).
 STAND_INS = (
   "manual/refcoco.json",
   "manual/coco_train2014/",
@@ -96,11 +96,13 @@ def bash_blocks(text: str) -> list[str]:
 
 
 def workflow() -> tuple[str, list[str], list[str]]:
-  """(trial paragraph, its commands, the commands of steps 1-6) of README.md."""
+  """(the trial's text, its commands, the commands of README.md's steps 1-6)."""
   with open(os.path.join(REPO, "README.md")) as f:
     readme = f.read()
+  with open(os.path.join(REPO, TRIAL)) as f:
+    trial = f.read()
   section = re.split(r"\n## ", readme.split("\n## Workflow\n", 1)[1], maxsplit=1)[0]
-  trial = section[section.index(TRIAL_MARK) : section.index("\n### 1. ")]
+  assert f"({TRIAL})" in section, f"the workflow does not link {TRIAL}"
   steps = section[section.index("\n### 1. ") :]
   assert re.findall(r"^### (\d)\. ", steps, re.M) == list("123456"), "steps 1-6"
   return trial, commands("\n".join(bash_blocks(trial))), commands("\n".join(bash_blocks(steps)))
@@ -238,10 +240,10 @@ def test_readme_workflow_runs_as_printed(tmp_path):
   trial, setup, steps = workflow()
   prose = " ".join(trial.split())
   for printed, replacement in SUBSTITUTIONS:
-    assert replacement in prose, f"the trial paragraph does not name {replacement}"
+    assert replacement in prose, f"docs/trial.md does not name {replacement}"
     assert any(printed in c for c in steps), f"no command of steps 1-6 holds {printed}"
   for path in STAND_INS:
-    assert path in prose, f"the trial paragraph does not name {path}"
+    assert path in prose, f"docs/trial.md does not name {path}"
 
   root = str(tmp_path)
   os.symlink(os.path.join(REPO, "configs"), os.path.join(root, "configs"))
