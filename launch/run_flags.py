@@ -117,10 +117,9 @@ def samples(
       raise app.UsageError(
         f"give one --text per --image, or one for all: got {len(images)} images, {len(texts)} texts"
       )
-    pairs = enumerate(zip(images, texts, strict=True))
-    given = [queries.segmentation_record(image, text, i) for i, (image, text) in pairs]
+    given = queries.segmentation_records(images, texts)
   else:
-    given = [queries.generation_record(i, prompt) for i, prompt in enumerate(texts)]
+    given = queries.generation_records(texts)
   store = []
   if run.sample_id.value:
     if run.records.value is None:

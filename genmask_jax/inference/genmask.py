@@ -194,10 +194,7 @@ class GenMask:
     """Boolean masks at each image's own size for images (JPEG / PNG files, (H, W, 3) uint8
     arrays or PIL images) and what to segment in each; `reasoning`: the VLM first rewrites
     each text into an explicit target (ReasonSeg's two stages)."""
-    if len(images) != len(texts):
-      raise ValueError(f"one text per image: got {len(images)} images, {len(texts)} texts")
-    pairs = enumerate(zip(images, texts, strict=True))
-    samples = [queries.segmentation_record(image, text, i) for i, (image, text) in pairs]
+    samples = queries.segmentation_records(images, texts)
     return self.segment_samples(samples, reasoning=reasoning, batch_size=batch_size)
 
   def segment_samples(
@@ -228,8 +225,7 @@ class GenMask:
 
   def generate(self, prompts: Sequence[str], **options: Any) -> np.ndarray:
     """(N, R, R, 3) uint8 images for the prompts; options as `generate_samples`."""
-    samples = [queries.generation_record(i, p) for i, p in enumerate(prompts)]
-    return self.generate_samples(samples, **options)
+    return self.generate_samples(queries.generation_records(prompts), **options)
 
   def generate_samples(
     self,

@@ -49,7 +49,20 @@ class VLM:
   max_new_tokens: int = 32  # Reasoning mode's rewrite length cap (launch/precompute_vlm.py's).
 
 
-def segmentation_record(image: ImageLike, text: str, index: int) -> Sample:
+def segmentation_records(images: Sequence[ImageLike], texts: Sequence[str]) -> list[Sample]:
+  """Query records of images (files, arrays or PIL images), one text each."""
+  if len(images) != len(texts):
+    raise ValueError(f"one text per image: got {len(images)} images, {len(texts)} texts")
+  pairs = enumerate(zip(images, texts, strict=True))
+  return [_segmentation_record(image, text, i) for i, (image, text) in pairs]
+
+
+def generation_records(prompts: Sequence[str]) -> list[Sample]:
+  """Query records of captions, whose images are yet to be generated."""
+  return [_generation_record(i, prompt) for i, prompt in enumerate(prompts)]
+
+
+def _segmentation_record(image: ImageLike, text: str, index: int) -> Sample:
   """A query image with its target, without ground truth. Files stay encoded as they are (their
   id is the path); arrays and PIL images are stored as PNG (id `image-{index}`)."""
   if isinstance(image, str):
@@ -77,7 +90,7 @@ def segmentation_record(image: ImageLike, text: str, index: int) -> Sample:
   )
 
 
-def generation_record(index: int, caption: str) -> Sample:
+def _generation_record(index: int, caption: str) -> Sample:
   """A caption; the image it describes is yet to be generated."""
   return records.make_sample(
     sample_id=f"prompt-{index}",
