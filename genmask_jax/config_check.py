@@ -9,7 +9,7 @@ before any data is read or any model is built, each error naming the fields invo
   "eval":  also a non-empty `eval.splits`, their feature widths and the evaluation batch vs
            the mesh.
 Feature stores given on a command line rather than in the config are checked where they are
-opened (inference/queries.py).
+opened (inference/genmask.py).
 """
 
 from __future__ import annotations

@@ -19,7 +19,8 @@ from absl import app, flags
 from ml_collections import config_flags
 
 from genmask_jax import GenMask
-from genmask_jax.inference import queries
+from genmask_jax.data import records
+from genmask_jax.vlm.in_process import VLM
 
 _OVERRIDE = re.compile(r"^--?(no)?config\.")
 _CONFIG_FLAG = re.compile(r"^--?config(=|$)")
@@ -94,7 +95,7 @@ def open_run(run: types.SimpleNamespace, argv: Sequence[str]) -> GenMask:
     raise app.UsageError("give exactly one of --vlm (encode in-process) and --features")
   vlm = None
   if run.vlm.value is not None:
-    vlm = queries.VLM(
+    vlm = VLM(
       run.vlm.value,
       run.vlm_model_id.value,
       run.vlm_device.value,
@@ -108,7 +109,7 @@ def open_run(run: types.SimpleNamespace, argv: Sequence[str]) -> GenMask:
 
 def samples(
   run: types.SimpleNamespace, task: str, texts: Sequence[str], images: Sequence[str] = ()
-) -> list[queries.Sample]:
+) -> list[records.Sample]:
   """The queries given on the command line (segmentation: one text per image, or one for all;
   generation: the texts are the prompts), then the --sample_id samples of --records."""
   if task == "segmentation":
@@ -117,14 +118,14 @@ def samples(
       raise app.UsageError(
         f"give one --text per --image, or one for all: got {len(images)} images, {len(texts)} texts"
       )
-    given = queries.segmentation_records(images, texts)
+    given = records.query_samples(images, texts)
   else:
-    given = queries.generation_records(texts)
+    given = records.caption_samples(texts)
   store = []
   if run.sample_id.value:
     if run.records.value is None:
       raise app.UsageError("--sample_id needs --records, the sample store holding it")
-    store = queries.store_records(run.records.value, run.sample_id.value, task)
+    store = records.RecordReader(run.records.value).get_all(run.sample_id.value, task)
   if not given and not store:
     raise app.UsageError("nothing to do: give queries on the command line or --sample_id")
   if run.features.value is not None and given:

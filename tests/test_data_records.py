@@ -8,6 +8,7 @@ import msgpack
 import numpy as np
 import pytest
 from array_record.python.array_record_module import ArrayRecordWriter
+from PIL import Image
 
 from genmask_jax.data import records, store
 
@@ -158,3 +159,45 @@ def test_writer_refuses_to_overwrite_and_incomplete_stores(tmp_path):
     with records.RecordWriter(str(tmp_path / "d"), 10) as writer:
       writer.write(_sample(0))
       writer.write(_sample(0))
+
+
+def test_query_samples_from_files_arrays_and_pil_images(tmp_path):
+  """A caller's images become segmentation records without ground truth (all ignore) at the
+  image's own size; files keep their bytes and path, arrays and PIL images are stored as PNG."""
+  wide = np.random.default_rng(0).integers(0, 256, (20, 36, 3), dtype=np.uint8)
+  path = str(tmp_path / "wide.png")
+  cv2.imwrite(path, wide[..., ::-1])
+  tall = Image.fromarray(wide.transpose(1, 0, 2))
+  samples = records.query_samples([path, wide, tall], ["a", "b", "c"])
+  assert [s["id"] for s in samples] == [path, "image-1", "image-2"]
+  assert [s["text"] for s in samples] == ["a", "b", "c"]
+  assert samples[0]["image"] == open(path, "rb").read()
+  assert samples[0]["source"] == {"path": path}
+  for sample, image in zip(samples, [wide, wide, np.asarray(tall)], strict=True):
+    np.testing.assert_array_equal(records.decode_image(sample), image)
+    mask = records.decode_mask(sample)
+    assert mask.shape == image.shape[:2] and (mask == 255).all()
+
+
+def test_query_samples_refuse_bad_images_naming_them(tmp_path):
+  text_file = tmp_path / "notes.png"
+  text_file.write_text("not an image")
+  with pytest.raises(store.StoreError, match=f"{text_file}: not a readable JPEG or PNG"):
+    records.query_samples([str(text_file)], ["a"])
+  with pytest.raises(store.StoreError, match=r"image 1: expected an \(H, W, 3\) uint8 array"):
+    records.query_samples([np.zeros((4, 4, 3), np.uint8), np.zeros((4, 4), np.uint8)], ["a", "b"])
+  with pytest.raises(store.StoreError, match="one text per image: got 1 images, 2 texts"):
+    records.query_samples([np.zeros((4, 4, 3), np.uint8)], ["a", "b"])
+
+
+def test_caption_samples_and_store_samples_by_task(tmp_path):
+  captions = records.caption_samples(["a red bus", "a cat"])
+  assert [(s["id"], s["task"], s["text"]) for s in captions] == [
+    ("prompt-0", "generation", "a red bus"),
+    ("prompt-1", "generation", "a cat"),
+  ]
+  _write(tmp_path, [_sample(0), _sample(1, "generation"), _sample(2)])
+  reader = records.RecordReader(str(tmp_path))
+  assert [s["id"] for s in reader.get_all(["set/2", "set/0"], "segmentation")] == ["set/2", "set/0"]
+  with pytest.raises(store.StoreError, match="'set/1' is a generation sample, expected segm"):
+    reader.get_all(["set/0", "set/1"], "segmentation")

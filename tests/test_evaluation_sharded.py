@@ -185,3 +185,18 @@ def test_two_processes_give_every_process_the_single_process_result(tmp_path):
   )
   assert_same_sums(host, want)
   assert_same_sums(device, want, pixels=11)
+
+
+@pytest.mark.parametrize("count, batch_size, size", [(5, 3, 4), (9, 8, 8), (2, 8, 4)])
+def test_padded_batches_split_over_the_mesh_and_pad_the_last(count, batch_size, size):
+  """Inference batches: one size (a multiple of the batch axes, data x fsdp = 4 here), items in
+  order, the last batch padded with its last item and its real rows counted."""
+  mesh = jax.sharding.Mesh(np.array(jax.devices()[:4]).reshape(2, 2, 1), sharding.MESH_AXES)
+  items = [{"x": np.full((3,), i, np.float32), "skip": i} for i in range(count)]
+  batches = list(sharding.padded_batches(items, ["x"], mesh, batch_size))
+  rows = np.concatenate([np.asarray(batch["x"])[:real, 0] for batch, real in batches])
+  np.testing.assert_array_equal(rows, np.arange(count))
+  assert {batch["x"].shape for batch, _ in batches} == {(size, 3)}
+  last, real = batches[-1]
+  assert (np.asarray(last["x"])[real:, 0] == count - 1).all()
+  assert sum(real for _, real in batches) == count

@@ -122,8 +122,8 @@ def test_benchmarks_never_import_launch():
 
 
 def test_the_walk_sees_imports_inside_functions():
-  """Lazy imports count: the package imports the façade on first use of `GenMask`, queries.py
-  the VLM's encoder only when texts are encoded in-process."""
+  """Lazy imports count: the package imports the façade on first use of `GenMask`, the
+  in-process VLM its PyTorch encoder only when texts are encoded."""
   edges = graph()
   assert "genmask_jax.inference.genmask" in edges["genmask_jax"]
-  assert "genmask_jax.vlm.encode" in edges["genmask_jax.inference.queries"]
+  assert "genmask_jax.vlm.encode" in edges["genmask_jax.vlm.in_process"]

@@ -454,7 +454,7 @@ def test_bad_flags_are_refused_with_the_reason(module, argv, message, capsys):
 
 @pytest.mark.parametrize("module", ["launch.predict", "launch.generate"])
 def test_help_lists_the_shared_flags_once(module):
-  """--help, not only --helpfull, shows the flags predict and generate share (launch/queries.py)."""
+  """--help, not only --helpfull, shows the flags predict and generate share (run_flags)."""
   result = subprocess.run(
     [sys.executable, "-m", module, "--help"], capture_output=True, text=True, timeout=120
   )

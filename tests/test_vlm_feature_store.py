@@ -78,6 +78,16 @@ def test_check_meta_names_the_mismatch():
     F.check_meta(META, "enc-a", "tmpl-b")
 
 
+def test_check_encoder_names_where_and_the_width():
+  """What a model reads: the encoder and template as check_meta, and its text width."""
+  F.check_encoder(META, META, "store")
+  with pytest.raises(F.FeatureError, match="store: feature store was encoded by model 'enc-a'"):
+    F.check_encoder(META, F.FeatureMeta("enc-b", "tmpl-a", "float32", 8, None), "store")
+  wider = F.FeatureMeta("enc-a", "tmpl-a", "bfloat16", 16, POLICY)
+  with pytest.raises(F.FeatureError, match=r"store: text features of width 8, the model reads 16"):
+    F.check_encoder(META, wider, "store")
+
+
 def test_writer_refuses_a_store_started_with_other_settings(tmp_path):
   F.FeatureWriter(str(tmp_path), META, F.StoreLayout(5, 2, 2), 0)  # Started, nothing written.
   other = F.FeatureMeta("enc-b", "tmpl-a", "bfloat16", 8, POLICY)

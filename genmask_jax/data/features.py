@@ -59,6 +59,20 @@ def check_meta(meta: FeatureMeta, model_id: str, prompt_template: str) -> None:
     )
 
 
+def check_encoder(meta: FeatureMeta, expected: FeatureMeta, where: str) -> None:
+  """Raises StoreError naming `where` unless `meta`'s features are those `expected` describes:
+  the same encoder and prompt template, and as wide (the model's text width)."""
+  try:
+    check_meta(meta, expected.model_id, expected.prompt_template)
+  except StoreError as e:
+    raise StoreError(f"{where}: {e}") from e
+  if meta.hidden_size != expected.hidden_size:
+    raise StoreError(
+      f"{where}: text features of width {meta.hidden_size}, the model reads "
+      f"{expected.hidden_size} (dit.text_dim)"
+    )
+
+
 def encode_record(item: FeatureItem, dtype: str) -> bytes:
   hidden = np.asarray(item.hidden)
   if hidden.ndim != 2:

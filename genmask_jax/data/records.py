@@ -27,7 +27,7 @@ from __future__ import annotations
 import dataclasses
 import io
 import os
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterator, Mapping, Sequence
 from typing import Any
 
 import cv2
@@ -35,7 +35,7 @@ import msgpack
 import numpy as np
 from PIL import Image
 
-from genmask_jax.data import store, tasks
+from genmask_jax.data import masks, store, tasks
 from genmask_jax.data.store import StoreError
 from genmask_jax.runtime import fileio
 
@@ -56,6 +56,7 @@ _FIELDS = {
 }
 
 Sample = dict[str, Any]
+ImageLike = str | np.ndarray | Image.Image  # A JPEG / PNG file, an (H, W, 3) uint8 array, PIL.
 RecordError = StoreError  # The name callers and sources raise a bad sample or input file by.
 
 
@@ -140,6 +141,47 @@ def make_sample(
     "text": text,
     "source": dict(source),
   }
+
+
+def query_samples(images: Sequence[ImageLike], texts: Sequence[str]) -> list[Sample]:
+  """Segmentation records of a caller's images, one text each, without ground truth: their
+  masks are all ignore. Files stay encoded as they are (id: the path); arrays and PIL images
+  are stored as PNG (id `image-{i}`)."""
+  if len(images) != len(texts):
+    raise StoreError(f"one text per image: got {len(images)} images, {len(texts)} texts")
+  samples = []
+  for i, (image, text) in enumerate(zip(images, texts, strict=True)):
+    if isinstance(image, str):
+      data = fileio.read_bytes(image)
+      try:
+        height, width = image_size(data)
+      except (StoreError, OSError) as e:
+        raise StoreError(f"{image}: not a readable JPEG or PNG image ({e})") from e
+      sample_id, source = image, {"path": image}
+    else:
+      data = np.asarray(image.convert("RGB") if isinstance(image, Image.Image) else image)
+      if data.ndim != 3 or data.shape[-1] != 3 or data.dtype != np.uint8:
+        raise StoreError(
+          f"image {i}: expected an (H, W, 3) uint8 array, got {data.dtype} {data.shape}"
+        )
+      height, width = data.shape[:2]
+      sample_id, source = f"image-{i}", {}
+    mask = np.full((height, width), masks.IGNORE, np.uint8)
+    samples.append(
+      make_sample(
+        sample_id=sample_id, task="segmentation", image=data, text=text, source=source, mask=mask
+      )
+    )
+  return samples
+
+
+def caption_samples(captions: Sequence[str]) -> list[Sample]:
+  """Generation records of captions whose images are yet to be generated (a black one stands in)."""
+  placeholder = np.zeros((8, 8, 3), np.uint8)
+  return [
+    make_sample(sample_id=f"prompt-{i}", task="generation", image=placeholder, text=c, source={})
+    for i, c in enumerate(captions)
+  ]
 
 
 def encode_sample(sample: Sample) -> bytes:
@@ -276,6 +318,16 @@ class RecordReader(store.ArrayRecordReader):
     if sample["id"] != sample_id:
       raise StoreError(f"{self.path}: its part places {sample_id!r} where {sample['id']!r} is")
     return sample
+
+  def get_all(self, sample_ids: Sequence[str], task: str) -> list[Sample]:
+    """The samples `sample_ids`, in order; each must be a `task` sample."""
+    samples = [self.get(sample_id) for sample_id in sample_ids]
+    for sample in samples:
+      if sample["task"] != task:
+        raise StoreError(
+          f"{self.path}: sample {sample['id']!r} is a {sample['task']} sample, expected {task}"
+        )
+    return samples
 
   def __iter__(self) -> Iterator[Sample]:
     for i in range(len(self)):

@@ -9,9 +9,11 @@
 to a field that shapes the model is refused naming it), the frozen VAE's identity and the VLM
 settings of its features. The weights load on first use, after the in-process VLM has encoded
 the texts and handed the accelerator back: the latest checkpoint (runs/model.py), with a frozen
-VAE whose fingerprint must be the run's. Masks are exactly those evaluation scores: one-step
-segmentation of the resized and padded image (data/resize.py), logits cropped to it, resized
-back to the image's size and thresholded at 0.
+VAE whose fingerprint must be the run's. A query is a sample record (data/records.py: a
+store's, or a caller's image without ground truth) with its text features (a feature store's,
+or the in-process VLM's: vlm/in_process.py), preprocessed by data/preprocess.py as training and
+evaluation do. Masks are exactly those evaluation scores: one-step segmentation of the resized
+and padded image, logits cropped to it, resized back to the image's size and thresholded at 0.
 """
 
 from __future__ import annotations
@@ -31,28 +33,18 @@ import numpy as np
 from absl import logging
 
 from genmask_jax import config_check
-from genmask_jax.data import preprocess
+from genmask_jax.data import preprocess, records
+from genmask_jax.data.features import FeatureError, FeatureMeta, FeatureReader, check_encoder
+from genmask_jax.data.records import ImageLike, Sample
 from genmask_jax.data.resize import undo_resize
 from genmask_jax.evaluation import evaluate
-from genmask_jax.inference import queries
-from genmask_jax.inference.queries import VLM, ImageLike, Sample
-from genmask_jax.models.genmask import Models
 from genmask_jax.models.vae import spatial_stride
 from genmask_jax.runs import model, record
+from genmask_jax.runs.model import Loaded
 from genmask_jax.runs.record import RunError
 from genmask_jax.runtime import sharding
-
-
-@dataclasses.dataclass(frozen=True)
-class Loaded:
-  """The run's model in memory: modules, weights, and the mesh and rules they are sharded by."""
-
-  models: Models
-  params: Any
-  vae_params: Any
-  step: int | None  # The checkpoint's step; None for converted weights.
-  mesh: jax.sharding.Mesh
-  rules: Any
+from genmask_jax.vlm import prompts
+from genmask_jax.vlm.in_process import VLM
 
 
 class GenMask:
@@ -131,20 +123,14 @@ class GenMask:
     return self._loaded
 
   def _load(self) -> Loaded:
-    config = self.config
-    mesh = sharding.make_mesh(config.mesh, *([self._devices] if self._devices else []))
-    rules = sharding.rules(config.get("sharding"))
-    models = Models.from_config(config)
-    with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
-      params, step = model.restore_params(config, self.workdir, models, mesh, rules)
-      vae_params = model.frozen_vae_params(models, config, mesh, rules)
+    loaded = model.load(self.config, self.workdir, self._devices)
     if self.record is not None:
-      fingerprint = model.vae_fingerprint(models.vae, vae_params)
-      record.check_vae(self.record, config, fingerprint, self.workdir)
-      if not config.init.vae_weights:
+      fingerprint = model.vae_fingerprint(loaded.models.vae, loaded.vae_params)
+      record.check_vae(self.record, self.config, fingerprint, self.workdir)
+      if not self.config.init.vae_weights:
         logging.warning("run %s: its frozen VAE is %s, as in training", self.workdir,
                         model.describe_vae(self.record["vae"]))  # fmt: skip
-    return Loaded(models, params, vae_params, step, mesh, rules)
+    return loaded
 
   def with_params(self, params: Any) -> GenMask:
     """The same run with other trained parameters (e.g. its initialization, as a baseline);
@@ -173,15 +159,48 @@ class GenMask:
     self, samples: Sequence[Sample], features: str | None = None, reasoning: bool = False
   ) -> list[np.ndarray]:
     """(L, D) text hidden states of the queries: those stored under their ids in the feature
-    store `features`, or computed by the run's in-process VLM."""
+    store `features`, or computed by the run's in-process VLM as its stores were; `reasoning`:
+    reasoning mode's prompt template (as evaluation's reasoning splits read)."""
+    settings = self.vlm_settings
+    template = self.config.data.prompt_template
+    expected = FeatureMeta(
+      model_id=self.config.data.encoder_model_id,
+      prompt_template=prompts.prompt_template(reasoning=True) if reasoning else template,
+      dtype=settings["store_dtype"] or "float32",  # Mixed or unknown: not rounded.
+      hidden_size=self.config.dit.text_dim,
+      image_policy=settings["image_policy"],
+    )
     if features is not None:
-      return queries.store_features(self.config, samples, features, reasoning)
+      reader = FeatureReader(features)
+      check_encoder(reader.meta, expected, features)
+      return [reader.get(sample["id"]) for sample in samples]
     if self.vlm is None:
       raise ValueError(
         f"run {self.workdir}: texts need an encoder: open the run with vlm= (a Qwen2.5-VL "
         "directory) or give a feature store of the samples"
       )
-    return queries.vlm_features(self.config, self.vlm_settings, samples, self.vlm, reasoning)
+    return self.vlm.features(samples, expected, reasoning)
+
+  def _examples(
+    self, samples: Sequence[Sample], hidden: Sequence[np.ndarray], resolution: int
+  ) -> list[dict]:
+    """The model inputs of the queries, preprocessed as the training pipeline does."""
+    data = self.config.data
+    out = []
+    for sample, h in zip(samples, hidden, strict=True):
+      try:
+        element = {"sample": sample, "hidden": h}
+        out.append(
+          preprocess.example(
+            element, resolution=resolution, text_len=data.text_len, text_dtype=data.text_dtype
+          )
+        )
+      except FeatureError as e:  # At inference text_len is the trained model's: the text must fit.
+        raise FeatureError(
+          f"{e}. The run's model reads at most {data.text_len} tokens (image tokens included): "
+          "shorten the text"
+        ) from e
+    return out
 
   def segment(
     self,
@@ -194,7 +213,7 @@ class GenMask:
     """Boolean masks at each image's own size for images (JPEG / PNG files, (H, W, 3) uint8
     arrays or PIL images) and what to segment in each; `reasoning`: the VLM first rewrites
     each text into an explicit target (ReasonSeg's two stages)."""
-    samples = queries.segmentation_records(images, texts)
+    samples = records.query_samples(images, texts)
     return self.segment_samples(samples, reasoning=reasoning, batch_size=batch_size)
 
   def segment_samples(
@@ -205,15 +224,15 @@ class GenMask:
     reasoning: bool = False,
     batch_size: int = 8,
   ) -> list[np.ndarray]:
-    """`segment` for sample records (queries.py: a store's, or built from images)."""
+    """`segment` for sample records (a store's, or `records.query_samples`)."""
     hidden = self.features(samples, features, reasoning)
-    items = queries.examples(self.config, samples, hidden, self.config.data.segmentation.resolution)
+    items = self._examples(samples, hidden, self.config.data.segmentation.resolution)
     logits = []
     with self.activate() as loaded:
       segment = self.config.segment
       segment_fn = self._program(model.segmenter, self.config, *sorted(segment.items()))
       keys = ("image", "text", "text_mask")
-      for batch, real in queries.batches(items, keys, loaded.mesh, batch_size):
+      for batch, real in sharding.padded_batches(items, keys, loaded.mesh, batch_size):
         predicted = segment_fn(
           loaded.params, loaded.vae_params, batch["image"], batch["text"], batch["text_mask"]
         )
@@ -225,7 +244,7 @@ class GenMask:
 
   def generate(self, prompts: Sequence[str], **options: Any) -> np.ndarray:
     """(N, R, R, 3) uint8 images for the prompts; options as `generate_samples`."""
-    return self.generate_samples(queries.generation_records(prompts), **options)
+    return self.generate_samples(records.caption_samples(prompts), **options)
 
   def generate_samples(
     self,
@@ -257,7 +276,7 @@ class GenMask:
       config.generate.shift = config.generate.shift if shift is None else shift
     guidance = config.generate.guidance_scale if guidance is None else guidance
     hidden = self.features(samples, features)
-    items = queries.examples(config, samples, hidden, resolution)
+    items = self._examples(samples, hidden, resolution)
     side = resolution // spatial_stride(config.vae.dim_mult)
     shape = (len(items), 1, side, side, config.vae.z_dim)
     noise = np.asarray(jax.random.normal(jax.random.key(seed), shape, jnp.float32))
@@ -268,7 +287,7 @@ class GenMask:
         model.generator, config, config.generate.num_steps, config.generate.shift
       )
       keys = ("noise", "text", "text_mask")
-      for batch, real in queries.batches(items, keys, loaded.mesh, batch_size):
+      for batch, real in sharding.padded_batches(items, keys, loaded.mesh, batch_size):
         generated = generate_fn(
           loaded.params,
           loaded.vae_params,

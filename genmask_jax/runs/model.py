@@ -6,8 +6,9 @@ Parameters live in plain pytrees (models/genmask.py):
   VAE      the converted weights `config.init.vae_weights`, or a random initialization seeded
            by `vae_init_seed`; `vae_fingerprint` hashes its settings and parameters, which run
            records and latent stores keep to refuse another VAE
-Programs, jitted: `segmenter` (one-step segmentation of a batch, as evaluation scores it) and
-`generator` (Euler sampling with classifier-free guidance, then the VAE decoder).
+`load` puts both on the run's mesh. Programs, jitted: `segmenter` (one-step segmentation of a
+batch, as evaluation scores it) and `generator` (Euler sampling with classifier-free guidance,
+then the VAE decoder).
 """
 
 from __future__ import annotations
@@ -16,9 +17,10 @@ import dataclasses
 import hashlib
 import json
 import os
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
+import flax.linen as nn
 import jax
 import ml_collections
 import numpy as np
@@ -113,6 +115,32 @@ def restore_params(config: ml_collections.ConfigDict, workdir: str, models: Mode
     )
   logging.info("model: converted weights %s (no training checkpoint)", config.init.weights)
   return {"dit": weights.restore(config.init.weights, "dit", abstract["dit"])}, None
+
+
+@dataclasses.dataclass(frozen=True)
+class Loaded:
+  """A run's model in memory: modules, weights, and the mesh and rules they are sharded by."""
+
+  models: Models
+  params: Any
+  vae_params: Any
+  step: int | None  # The checkpoint's step; None for converted weights.
+  mesh: jax.sharding.Mesh
+  rules: Any
+
+
+def load(
+  config: ml_collections.ConfigDict, workdir: str, devices: Sequence[jax.Device] | None = None
+) -> Loaded:
+  """The trained parameters (`restore_params`) and the frozen VAE, on the mesh of
+  `config.mesh` over `devices` (default: all)."""
+  mesh = sharding.make_mesh(config.mesh, *([devices] if devices else []))
+  rules = sharding.rules(config.get("sharding"))
+  models = Models.from_config(config)
+  with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
+    params, step = restore_params(config, workdir, models, mesh, rules)
+    vae_params = frozen_vae_params(models, config, mesh, rules)
+  return Loaded(models, params, vae_params, step, mesh, rules)
 
 
 def segmenter(models: Models, config: ml_collections.ConfigDict) -> Callable:

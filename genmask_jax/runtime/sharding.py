@@ -12,7 +12,7 @@ per process with `mesh.slices` = the process count: fsdp within a host, data acr
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from typing import Any
 
 import flax.linen as nn
@@ -188,3 +188,20 @@ def global_batch(local: dict[str, np.ndarray], mesh: Mesh) -> dict[str, jax.Arra
     k: jax.make_array_from_process_local_data(batch_sharding(mesh, np.ndim(v)), np.asarray(v))
     for k, v in local.items()
   }
+
+
+def padded_batches(
+  items: Sequence[dict], keys: Sequence[str], mesh: Mesh, batch_size: int
+) -> Iterator[tuple[dict[str, jax.Array], int]]:
+  """(global batch of `keys`, number of real rows) over the items of one process, in order.
+
+  Every batch has one size (one compilation), a multiple of the mesh's batch axes; the last is
+  padded by repeating its last item.
+  """
+  multiple = math.prod(mesh.shape[axis] for axis in BATCH_AXES)
+  size = math.ceil(min(batch_size, len(items)) / multiple) * multiple
+  for start in range(0, len(items), size):
+    chunk = list(items[start : start + size])
+    real = len(chunk)
+    chunk += chunk[-1:] * (size - real)
+    yield global_batch({k: np.stack([x[k] for x in chunk]) for k in keys}, mesh), real
