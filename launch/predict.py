@@ -12,6 +12,10 @@ sample store (launch/run_flags.py); --reasoning: the VLM first rewrites each tex
 explicit target (ReasonSeg's two stages), or --features holds such rewrites. Query i writes
 `{out}/{i:03d}_{name}_mask.png`, the mask at the image's own size (0 background, 255
 foreground), and `..._overlay.png`, the image with the mask in red.
+
+From flag to mask: main -> launch/run_flags.py (the queries, the run) ->
+genmask_jax/inference/genmask.py (`GenMask.segment_samples`) -> genmask_jax/runs/model.py
+(the weights, the jitted segmenter).
 """
 
 from __future__ import annotations
