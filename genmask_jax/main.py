@@ -22,7 +22,7 @@ from ml_collections import config_flags
 from genmask_jax import GenMask, config_check
 from genmask_jax.runtime import compile_cache, distributed, log_filter
 from genmask_jax.training import preemption
-from launch import run_flags
+from launch.common import run_flags
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Config file.", lock_config=True)
 _WORKDIR = flags.DEFINE_string("workdir", None, "Checkpoints, logs and results.", required=True)

@@ -5,7 +5,7 @@ r"""Generates images from captions with a trained GenMask run; writes them as on
       --steps=50 --shift=5 --guidance=5 --seed=0 --resolution=512 --out=generated.png
 
 Captions come from --prompt and from the generation samples --sample_id of --records
-(launch/run_flags.py). Euler sampling with classifier-free guidance; --steps, --shift and
+(launch/common/run_flags.py). Euler sampling with classifier-free guidance; --steps, --shift and
 --guidance default to config.generate. The grid holds the images in order, --columns per row.
 The same captions and seed give the same images.
 """
@@ -20,7 +20,7 @@ from absl import app, flags
 from PIL import Image
 
 from genmask_jax.runtime import fileio, log_filter
-from launch import run_flags
+from launch.common import run_flags
 
 RUN = run_flags.define()
 flags.adopt_module_key_flags(run_flags)  # --help lists the shared flags too.

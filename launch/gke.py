@@ -14,13 +14,13 @@ runs none of it; the compile check still runs.
 machine (launch/compile.py, no TPU needed), from this checkout, which the image must hold, and
 refuses to submit what does not compile or fit (--skip_compile_check to go ahead). Then, with
 --submit_with=xpk (default), `xpk workload create`, which builds the JobSet and queues it through
-the cluster's Kueue; with --submit_with=kubectl, the JobSet of launch/jobset.py written to
+the cluster's Kueue; with --submit_with=kubectl, the JobSet of launch/common/jobset.py written to
 --manifest and `kubectl apply`'d, for clusters without xpk.
 
 Every host of every slice runs the same command in the container: in --image's working directory
 (an image with this project and its requirements installed); or, with --base_image, after
 cloning --repo at --ref and installing --requirements and jax[tpu] into a virtual environment,
-as launch/tpu_vm.py does on TPU VMs. GKE gives each pod its TPU worker identity and, across
+as launch/common/tpu_vm.py does on TPU VMs. GKE gives each pod its TPU worker identity and, across
 slices, the Megascale settings: `jax.distributed.initialize()` reads them.
 
 Preemption: a failed or preempted pod fails its slice's job; the JobSet recreates every job, up to
@@ -43,8 +43,8 @@ from collections.abc import Sequence
 from absl import flags
 
 from genmask_jax.runtime import accelerators
-from launch import commands, jobset, tpu_vm
-from launch.compile_check import check_compiles
+from launch.common import commands, jobset, tpu_vm
+from launch.common.compile_check import check_compiles
 
 ACTIONS = ("submit", "status", "logs", "delete")
 JOBS = ("train", "eval", "precompute_latents")

@@ -11,7 +11,7 @@ a store that another VAE or VAE config encoded. Worker i of n encodes the i-th c
 of each sample store; re-running the same command skips the shards already written.
 
 On a GPU host, --gpus=all (or --gpus=0,1, or --gpus=cpu:N) runs one worker per device and waits
-(launch/fanout.py); a multi-node job adds --num_nodes=M --node_index=k on each node
+(launch/common/fanout.py); a multi-node job adds --num_nodes=M --node_index=k on each node
 (launch/slurm_gpu.py --job=precompute_latents). On a TPU VM one process drives every chip: run one
 worker per host with --num_workers/--worker_index instead.
 """
@@ -30,7 +30,7 @@ from genmask_jax.data.records import RecordReader
 from genmask_jax.data.store import StoreLayout
 from genmask_jax.runtime import log_filter
 from genmask_jax.training.precompute_latents import precompute
-from launch import fanout
+from launch.common import fanout
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Training config.", lock_config=True)
 _NUM_WORKERS = flags.DEFINE_integer("num_workers", 1, "Workers sharing each sample store.")
@@ -42,7 +42,7 @@ flags.adopt_module_key_flags(fanout)  # --help lists --gpus and its flags too.
 
 
 def fan_out(config: ml_collections.ConfigDict) -> None:
-  """Runs this node's workers, one per device of --gpus (launch/fanout.py)."""
+  """Runs this node's workers, one per device of --gpus (launch/common/fanout.py)."""
   devices, num_workers, indices = fanout.plan(_FANOUT)
   layouts = {
     s["latents"]: StoreLayout(len(RecordReader(s["records"])), num_workers, latents.SHARD_SIZE)

@@ -15,9 +15,10 @@ genmask_jax/vlm/image_policy.py) is recorded in the store, and inference gives t
 images the same way. --reasoning first asks the VLM to rewrite each segmentation query into an
 explicit target description and encodes that.
 
-One command for a whole node (launch/fanout.py): --gpus=all (or --gpus=0,1, or --gpus=cpu:2 for
-two CPU workers) runs one worker per device with --num_workers/--worker_index set, waits, shows one
-progress bar for the store and exits non-zero naming a failed worker; workers log to --worker_logs.
+One command for a whole node (launch/common/fanout.py): --gpus=all (or --gpus=0,1, or
+--gpus=cpu:2 for two CPU workers) runs one worker per device with --num_workers/--worker_index
+set, waits, shows one progress bar for the store and exits non-zero naming a failed worker;
+workers log to --worker_logs.
 In a multi-node job every node runs the same command with --num_nodes=M --node_index=k
 (launch/slurm_gpu.py --job=precompute_vlm writes that job array).
 """
@@ -35,7 +36,7 @@ from genmask_jax.data.records import RecordReader
 from genmask_jax.data.store import StoreLayout
 from genmask_jax.runtime import log_filter
 from genmask_jax.vlm import encode, image_policy, prompts
-from launch import fanout
+from launch.common import fanout
 
 _SAMPLES = flags.DEFINE_list("samples", None, "Sample store directories.", required=True)
 _CHECKPOINT = flags.DEFINE_string("checkpoint", None, "Qwen2.5-VL directory.", required=True)
@@ -93,7 +94,7 @@ def precompute_store(model, processor, samples_dir: str, out_dir: str) -> None:
 
 
 def fan_out() -> None:
-  """Runs this node's workers, one per device of --gpus, over every store (launch/fanout.py)."""
+  """Runs this node's workers, one per device of --gpus, over every store (common/fanout.py)."""
   devices, num_workers, indices = fanout.plan(_FANOUT)
   layouts = {
     out: StoreLayout(len(RecordReader(s)), num_workers, _SHARD_SIZE.value)

@@ -8,12 +8,12 @@ r"""Segments images by text with a trained GenMask run: one DiT forward pass per
       --sample_id=ID1 --sample_id=ID2 --out=predictions
 
 Queries are image files with texts (one --text per --image, or one for all) and samples of a
-sample store (launch/run_flags.py); --reasoning: the VLM first rewrites each text into an
+sample store (launch/common/run_flags.py); --reasoning: the VLM first rewrites each text into an
 explicit target (ReasonSeg's two stages), or --features holds such rewrites. Query i writes
 `{out}/{i:03d}_{name}_mask.png`, the mask at the image's own size (0 background, 255
 foreground), and `..._overlay.png`, the image with the mask in red.
 
-From flag to mask: main -> launch/run_flags.py (the queries, the run) ->
+From flag to mask: main -> launch/common/run_flags.py (the queries, the run) ->
 genmask_jax/inference/genmask.py (`GenMask.segment_samples`) -> genmask_jax/runs/model.py
 (the weights, the jitted segmenter).
 """
@@ -24,7 +24,7 @@ from absl import app, flags
 
 from genmask_jax.evaluation import report
 from genmask_jax.runtime import log_filter
-from launch import run_flags
+from launch.common import run_flags
 
 RUN = run_flags.define()
 flags.adopt_module_key_flags(run_flags)  # --help lists the shared flags too.

@@ -35,7 +35,7 @@ from tqdm import tqdm
 from genmask_jax.data import records, store, synthetic
 from genmask_jax.data.sources import reasonseg, refcoco, semseg, text_image
 from genmask_jax.runtime import fileio
-from launch import commands
+from launch.common import commands
 
 
 def write_splits(

@@ -18,7 +18,7 @@ file system every node sees. --dry_run prints the script and the sbatch command 
 --job=precompute_vlm / precompute_latents submit a job array of --nodes independent tasks, each
 one node with --gpus_per_node GPUs (with --gpus_per_node=1, one task per GPU, which Slurm may
 pack onto shared nodes). Task k runs the entry point with the flags given after `--` plus
-`--gpus=all --num_nodes=NODES --node_index=k` (launch/fanout.py): one worker per GPU, workers
+`--gpus=all --num_nodes=NODES --node_index=k` (launch/common/fanout.py): one worker per GPU, workers
 k*G .. k*G+G-1 of NODES*G. Shards are resumable, so --requeue (or resubmitting) is safe.
 """
 
@@ -31,7 +31,7 @@ from collections.abc import Sequence
 
 from absl import flags
 
-from launch import commands, fanout
+from launch.common import commands, fanout
 
 JOBS = ("train", "precompute_vlm", "precompute_latents")
 

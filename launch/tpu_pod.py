@@ -7,7 +7,7 @@ r"""Trains on a Cloud TPU VM or pod slice: create, install, train on every worke
 
 Actions: `run` (create, install, train, then delete the TPU even when training fails or is
 interrupted, unless --keep), `supervise` (the same, detached from this process and restarted on
-preemption: launch/tpu_supervisor.py), `status` (of a supervised or detached run), `create`,
+preemption: launch/common/tpu_supervisor.py), `status` (of a supervised or detached run), `create`,
 `install`, `train`, `delete`, `logs`. --dry_run prints the exact gcloud commands and runs none.
 
 The TPU is a TPU VM (`tpu-vm create`) or, with --queued, a queued resource whose node has the
@@ -36,9 +36,9 @@ from collections.abc import Sequence
 from absl import flags
 
 from genmask_jax.runtime import accelerators
-from launch import commands, tpu_supervisor, tpu_vm
-from launch.compile_check import check_compiles
-from launch.tpu_vm import (
+from launch.common import commands, tpu_supervisor, tpu_vm
+from launch.common.compile_check import check_compiles
+from launch.common.tpu_vm import (
   create_command,
   delete_command,
   describe_command,

@@ -22,7 +22,7 @@ from processes import Processes, wait
 from training_data import make_stores
 
 from genmask_jax.runtime import accelerators
-from launch import commands, gke, jobset
+from launch.common import commands, gke, jobset
 
 SCHEMA = os.path.join(os.path.dirname(__file__), "schemas", "jobset-v1alpha2-v0.12.0.schema.json")
 KUBERNETES = "1.33.0"  # GKE's regular release channel.

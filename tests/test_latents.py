@@ -162,7 +162,7 @@ def test_precompute_command_writes_every_named_store(root, tmp_path):
 
 
 def test_precompute_command_fans_out_over_cpu_workers(tmp_path):
-  """--gpus=cpu:2 (launch/fanout.py): one command, two workers, the store complete."""
+  """--gpus=cpu:2 (launch/common/fanout.py): one command, two workers, the store complete."""
   root = str(tmp_path / "stores")
   make_stores(root, num_samples=8)
   command = [sys.executable, "-m", "launch.precompute_latents"]

@@ -15,7 +15,7 @@ import textwrap
 
 import pytest
 
-from launch import fanout, slurm_gpu, tpu_pod, tpu_vm
+from launch.common import fanout, slurm_gpu, tpu_pod, tpu_vm
 
 ZONE = ["--zone=us-east5-a", "--project=my-project"]
 WHERE = "--zone=us-east5-a --project=my-project"

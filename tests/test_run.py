@@ -1,6 +1,6 @@
-"""A run's config without a trained model (genmask_jax/runs/record.py, launch/run_flags.py): the
-run's config read back from JSON, command-line overrides split off and applied, model fields
-compared."""
+"""A run's config without a trained model (genmask_jax/runs/record.py,
+launch/common/run_flags.py): the run's config read back from JSON, command-line overrides split
+off and applied, model fields compared."""
 
 import json
 
@@ -9,7 +9,7 @@ import pytest
 
 from configs.demo import get_config as demo_config
 from genmask_jax.runs import record
-from launch import run_flags
+from launch.common import run_flags
 
 
 def json_round_trip(config: ml_collections.ConfigDict) -> dict:

@@ -1,5 +1,6 @@
-"""One command per node for the VLM stage (launch/precompute_vlm.py --gpus=cpu:N, launch/fanout.py):
-the same store as one worker, a killed worker finished by a re-run, files readable by others."""
+"""One command per node for the VLM stage (launch/precompute_vlm.py --gpus=cpu:N,
+launch/common/fanout.py): the same store as one worker, a killed worker finished by a re-run,
+files readable by others."""
 
 import os
 import signal
@@ -13,7 +14,7 @@ import pytest
 from genmask_jax.data import features as F
 from genmask_jax.data import records, store
 from genmask_jax.vlm import image_policy, prompts, tiny_qwen
-from launch import fanout
+from launch.common import fanout
 
 # 8 samples, shards of 2, batches of 2: the two workers' slices [0, 4) and [4, 8) start on shard
 # boundaries of the one-worker layout, so every batch, hence every stored byte, is the same.

@@ -7,7 +7,7 @@ import subprocess
 import sys
 from collections.abc import Sequence
 
-from launch import commands
+from launch.common import commands
 
 
 def compile_command(

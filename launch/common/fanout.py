@@ -23,7 +23,7 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 from genmask_jax.data import store
-from launch import commands
+from launch.common import commands
 
 # The flags the fan-out sets for each worker; the rest of the command line is passed through.
 FANOUT_FLAGS = ("gpus", "num_nodes", "node_index", "worker_logs", "num_workers", "worker_index")

@@ -43,7 +43,7 @@ import sys
 import time
 
 from genmask_jax.runtime import accelerators, fileio, lease
-from launch import commands, tpu_vm
+from launch.common import commands, tpu_vm
 
 STATE_FILE = "supervisor.json"
 LEASE_FILE = "supervisor.lease"

@@ -23,7 +23,7 @@ from typing import NoReturn
 
 from absl import flags
 
-PROJECT_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+PROJECT_ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 CONFIG_KEY = re.compile(r"[A-Za-z_]\w*(\.[A-Za-z_]\w*)*")
 ENV_NAME = re.compile(r"[A-Za-z_]\w*")
 _HEREDOC_END = "GENMASK_EOF"

@@ -1,7 +1,7 @@
 """A Cloud TPU VM or queued resource as gcloud commands: create, describe, delete, ssh, install.
 
-launch/tpu_pod.py runs them once; launch/tpu_supervisor.py again after each preemption. Commands
-are argument lists (launch/commands.py), so a dry run prints exactly what a real one executes.
+launch/tpu_pod.py runs them once; launch/common/tpu_supervisor.py again after each preemption.
+Commands are argument lists (commands.py), so a dry run prints exactly what a real one executes.
 Every worker gets the project under ~/genmask-jax and a virtual environment with --requirements
 and jax[tpu] at the version requirements-train.txt pins.
 """
@@ -14,7 +14,7 @@ import shlex
 import tempfile
 from collections.abc import Sequence
 
-from launch import commands
+from launch.common import commands
 
 REMOTE_DIR = "genmask-jax"  # Relative to the worker's home, where ssh commands start.
 REMOTE_LOG = "genmask-jax-train.log"
