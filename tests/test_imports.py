@@ -121,6 +121,26 @@ def test_benchmarks_never_import_launch():
   assert not found, found
 
 
+def test_launch_holds_entry_points_only():
+  """Every module directly under launch/ runs as `python -m launch.<name>`; what they share
+  lives in launch/common/, which no entry point of it imports back."""
+  folder = os.path.join(ROOT, "launch")
+  scripts = [name for name in os.listdir(folder) if name.endswith(".py") and name != "__init__.py"]
+  helpers = [
+    name for name in scripts if '__name__ == "__main__"' not in open(f"{folder}/{name}").read()
+  ]
+  assert scripts and not helpers, f"launch/ modules that are not entry points: {helpers}"
+  edges = graph()
+  back = [
+    f"{module} imports {imported}"
+    for module, imported_modules in edges.items()
+    if module.startswith("launch.common")
+    for imported in imported_modules
+    if imported.startswith("launch.") and not imported.startswith("launch.common")
+  ]
+  assert not back, back
+
+
 def test_the_walk_sees_imports_inside_functions():
   """Lazy imports count: the package imports the façade on first use of `GenMask`, the
   in-process VLM its PyTorch encoder only when texts are encoded."""
