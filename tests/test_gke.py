@@ -22,7 +22,8 @@ from processes import Processes, wait
 from training_data import make_stores
 
 from genmask_jax.runtime import accelerators
-from launch.common import commands, gke, jobset
+from launch import gke
+from launch.common import commands, jobset
 
 SCHEMA = os.path.join(os.path.dirname(__file__), "schemas", "jobset-v1alpha2-v0.12.0.schema.json")
 KUBERNETES = "1.33.0"  # GKE's regular release channel.

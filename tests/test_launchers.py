@@ -15,7 +15,8 @@ import textwrap
 
 import pytest
 
-from launch.common import fanout, slurm_gpu, tpu_pod, tpu_vm
+from launch import slurm_gpu, tpu_pod
+from launch.common import fanout, tpu_vm
 
 ZONE = ["--zone=us-east5-a", "--project=my-project"]
 WHERE = "--zone=us-east5-a --project=my-project"

@@ -21,7 +21,8 @@ from training_data import make_stores
 from genmask_jax.models.genmask import Models
 from genmask_jax.runs import checkpoints
 from genmask_jax.runtime import sharding
-from launch.common import commands, tpu_pod, tpu_supervisor, tpu_vm
+from launch import tpu_pod
+from launch.common import commands, tpu_supervisor, tpu_vm
 
 ENV = dict(os.environ, PYTHONPATH=".:tests", JAX_PLATFORMS="cpu", XLA_FLAGS=fake_devices(8))
 HANG_GUARD_S = 400  # Only against hangs: nothing here is timed.
