@@ -23,7 +23,7 @@ from user_scenes import read_mask, shape_coverage, user_scene
 from genmask_jax import GenMask
 from genmask_jax.conversion import weights
 from genmask_jax.data import records, synthetic
-from genmask_jax.data.features import FeatureReader
+from genmask_jax.data.features import FeatureError, FeatureReader
 from genmask_jax.evaluation import metrics
 from genmask_jax.models.dit import WanDiT
 from genmask_jax.models.genmask import Models
@@ -248,3 +248,17 @@ def test_a_run_without_run_json_is_refused_with_the_command_that_writes_it(demo,
   rewrite = rf"python -m genmask_jax\.main --config=<its training config> --workdir={old}"
   with pytest.raises(record.RunError, match=rf"run {old}: checkpoints but no run\.json.*{rewrite}"):
     GenMask.open(old)
+
+
+@pytest.mark.slow
+@pytest.mark.xdist_group("heavy")
+def test_a_text_longer_than_the_model_reads_is_refused_before_the_weights_load(demo):
+  """The run's DiT reads data.text_len tokens (40 in the demo): a longer query is refused naming
+  the sample, the limit and what to do, not truncated; the weights are not loaded for it."""
+  model = GenMask.open(os.path.join(demo, "genmask"), vlm=os.path.join(demo, "tiny_qwen"))
+  image = np.zeros((32, 48, 3), np.uint8)
+  text = " ".join(["the small blue square below the large red circle"] * 8)
+  message = r"'image-0': \d+ text tokens exceed text_len=40.*at most 40 tokens.*shorten the text"
+  with pytest.raises(FeatureError, match=message):
+    model.segment([image], [text])
+  assert model._loaded is None
