@@ -10,6 +10,8 @@ back through others; benchmarks/ never imports launch/.
 
 import ast
 import os
+import subprocess
+import sys
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 PACKAGES = ("genmask_jax", "launch", "benchmarks", "configs")
@@ -147,3 +149,15 @@ def test_the_walk_sees_imports_inside_functions():
   edges = graph()
   assert "genmask_jax.inference.genmask" in edges["genmask_jax"]
   assert "genmask_jax.vlm.encode" in edges["genmask_jax.vlm.in_process"]
+  assert "genmask_jax.vlm.in_process" in edges["genmask_jax"]
+
+
+def test_the_python_api_imports_no_pytorch_until_it_encodes():
+  """`from genmask_jax import GenMask, VLM` (the README's API) leaves PyTorch unimported: a run
+  opened with a feature store never needs it."""
+  code = (
+    "import sys; from genmask_jax import GenMask, VLM; VLM('qwen'); "
+    "assert 'torch' not in sys.modules, 'torch imported'"
+  )
+  result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT)
+  assert result.returncode == 0, result.stderr[-2000:]
