@@ -43,7 +43,10 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   # One-step segmentation (paper Eq. 8) and image generation (Euler, WAN's shifted schedule).
   # decoder: vae | linear; steps > 1: Euler steps from t to 0 (benchmarks/one_step.py).
   config.segment = dict(t=1.0, noise="gaussian", seed=0, decoder="vae", steps=1)
-  config.generate = dict(num_steps=50, shift=5.0, guidance_scale=5.0)
+  # gather_weights: the sampler gathers the DiT's weights over fsdp once per call, before its
+  # Euler loop, so that each chip holds the whole (bf16) DiT while it samples; False keeps them
+  # sharded, and every step then moves weights or partial activations between chips.
+  config.generate = dict(num_steps=50, shift=5.0, guidance_scale=5.0, gather_weights=True)
 
   # Sample and feature stores: see launch/prepare_data.py and launch/precompute_vlm.py.
   config.data = data.default_config()

@@ -111,10 +111,16 @@ def knobs(config, target: check.Target, report: StepReport) -> str:
     if report.compiled
     else report.error.splitlines()[0][:400]
   )
+  gathered = ""
+  if report.step == "generate" and config.generate.get("gather_weights", False):
+    gathered = (
+      "the sampler's gathered weights (--config.generate.gather_weights=False keeps them sharded); "
+    )
   return (
     f"step {report.step} does not fit {target.describe()}: {why}\n"
-    f"  knobs: remat policy (now {config.dit.remat_policy}: --config.dit.remat_policy=full keeps "
-    f"the least); mesh split (now data={mesh['data']} fsdp={mesh['fsdp']} "
+    f"  knobs: {gathered}remat policy (now {config.dit.remat_policy}: "
+    "--config.dit.remat_policy=full keeps the least); "
+    f"mesh split (now data={mesh['data']} fsdp={mesh['fsdp']} "
     f"tensor={mesh['tensor']}: --config.mesh.tensor=2 splits activations too); per-chip batch "
     f"(now {per_shard['segmentation']} + {per_shard['generation']} samples per batch shard in "
     f"{config.get('microbatches', 1)} microbatches: --config.microbatches=2 halves the "

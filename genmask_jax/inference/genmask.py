@@ -283,9 +283,7 @@ class GenMask:
     items = [dict(item, noise=n) for item, n in zip(items, noise, strict=True)]
     images = []
     with self.activate() as loaded:
-      generate_fn = self._program(
-        model.generator, config, config.generate.num_steps, config.generate.shift
-      )
+      generate_fn = self._program(model.generator, config, *sorted(config.generate.items()))
       keys = ("noise", "text", "text_mask")
       for batch, real in sharding.padded_batches(items, keys, loaded.mesh, batch_size):
         generated = generate_fn(

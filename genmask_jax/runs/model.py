@@ -164,10 +164,15 @@ def segmenter(models: Models, config: ml_collections.ConfigDict) -> Callable:
 
 def generator(models: Models, config: ml_collections.ConfigDict) -> Callable:
   """jit(params, vae_params, noise (B, 1, h, w, z_dim), text, text_mask, guidance_scale) ->
-  images (B, s h, s w, 3) in [-1, 1], s the VAE's stride."""
+  images (B, s h, s w, 3) in [-1, 1], s the VAE's stride. With `config.generate.gather_weights`
+  the DiT's weights are gathered over fsdp before the Euler loop."""
 
   @jax.jit
   def run(params, vae_params, noise, text, text_mask, guidance_scale: Any):
+    # Once, not in each of the loop's steps. A run recorded before the field samples as it did.
+    if config.generate.get("gather_weights", False):
+      dit = sharding.gathered_over(params["dit"], models.abstract_params()["dit"], "fsdp")
+      params = dict(params, dit=dit)
     latents = generate.generate(
       models.velocity,
       params,

@@ -150,6 +150,21 @@ def batch_shards() -> int:
   return math.prod(mesh.shape[a] for a in axes)
 
 
+def gathered_over(tree: Any, abstract_boxed: Any, axis: str) -> Any:
+  """`tree` (inside jit, under the mesh and logical rules) constrained to the shardings of its
+  logical axis names (`abstract_boxed`) with mesh axis `axis` dropped: gathered over `axis`."""
+
+  def drop(target):
+    if isinstance(target, (tuple, list)):
+      kept = tuple(a for a in target if a != axis)
+      return kept or None
+    return None if target == axis else target
+
+  rules = tuple((name, drop(target)) for name, target in nn.get_logical_axis_rules())
+  specs = nn.logical_to_mesh(nn.get_partition_spec(abstract_boxed), rules)
+  return jax.lax.with_sharding_constraint(tree, specs)
+
+
 def strip_axis_names(tree: Any) -> Any:
   """The values of a tree boxed with axis names (no sharding constraint is applied)."""
   is_box = lambda x: isinstance(x, nn.Partitioned)
