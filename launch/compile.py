@@ -39,6 +39,7 @@ from ml_collections import config_flags  # noqa: E402
 from genmask_jax import config_check  # noqa: E402
 from genmask_jax.fit import check, search  # noqa: E402
 from genmask_jax.fit.report import GIB, HEADROOM, StepReport  # noqa: E402
+from genmask_jax.runs import model as run_model  # noqa: E402
 from genmask_jax.runtime import accelerators, fileio, log_filter  # noqa: E402
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Config file.", lock_config=True)
@@ -112,7 +113,7 @@ def knobs(config, target: check.Target, report: StepReport) -> str:
     else report.error.splitlines()[0][:400]
   )
   gathered = ""
-  if report.step == "generate" and config.generate.get("gather_weights", False):
+  if report.step == "generate" and run_model.gathers_weights(config):
     gathered = (
       "the sampler's gathered weights (--config.generate.gather_weights=False keeps them sharded); "
     )

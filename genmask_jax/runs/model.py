@@ -143,6 +143,12 @@ def load(
   return Loaded(models, params, vae_params, step, mesh, rules)
 
 
+def gathers_weights(config: ml_collections.ConfigDict) -> bool:
+  """`config.generate.gather_weights`: whether the sampler gathers the DiT's weights before its
+  loop. A run recorded before the field samples with them sharded, as it did."""
+  return config.generate.get("gather_weights", False)
+
+
 def segmenter(models: Models, config: ml_collections.ConfigDict) -> Callable:
   """jit(params, vae_params, images (B, R, R, 3), text, text_mask) -> mask logits (B, R, R)."""
 
@@ -169,8 +175,7 @@ def generator(models: Models, config: ml_collections.ConfigDict) -> Callable:
 
   @jax.jit
   def run(params, vae_params, noise, text, text_mask, guidance_scale: Any):
-    # Once, not in each of the loop's steps. A run recorded before the field samples as it did.
-    if config.generate.get("gather_weights", False):
+    if gathers_weights(config):  # Once, not in each of the loop's steps.
       dit = sharding.gathered_over(params["dit"], models.abstract_params()["dit"], "fsdp")
       params = dict(params, dit=dit)
     latents = generate.generate(
